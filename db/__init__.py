@@ -1,0 +1,1 @@
+"""Foundation shared by every ctdx service: settings, logging, the database and the CLI root."""

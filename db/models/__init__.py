@@ -1,0 +1,35 @@
+"""All ORM models; importing this registers every table on ``Base.metadata``."""
+
+from db.models.audit import AuditEntry
+from db.models.base import Base, utcnow
+from db.models.exports import Export, ExportState
+from db.models.listener import (
+    Instance,
+    OutboxEntry,
+    PerformedProcedureStep,
+    ReceivingLease,
+    Series,
+    Study,
+    StudyVersion,
+    VersionState,
+)
+from db.models.results import Analysis, AnalysisState, SliceResult
+
+__all__ = [
+    "Analysis",
+    "AnalysisState",
+    "AuditEntry",
+    "Base",
+    "Export",
+    "ExportState",
+    "Instance",
+    "OutboxEntry",
+    "PerformedProcedureStep",
+    "ReceivingLease",
+    "Series",
+    "SliceResult",
+    "Study",
+    "StudyVersion",
+    "VersionState",
+    "utcnow",
+]

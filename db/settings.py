@@ -1,0 +1,179 @@
+"""The one settings object of ctdx.
+
+Every setting is read from an environment variable ``CTDX_<NAME>`` (and, if
+``CTDX_CONFIG_FILE`` names one, from a TOML file whose keys are the lower-case
+names without the prefix; environment variables win). Each field's
+``description`` is the documentation: ``tests/test_settings_doc.py`` keeps the
+README's configuration table complete against this class.
+
+Settings are frozen. Entry points build one with :func:`load_settings`
+(optionally overriding fields from CLI flags) and pass it down explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "CTDX_"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class Settings(BaseSettings):
+    """Typed, frozen configuration; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    # --- identity and network -------------------------------------------------
+    ae_title: str = Field(
+        "CTDX", min_length=1, max_length=16, description="AE title of the DICOM listener."
+    )
+    host: str = Field("0.0.0.0", description="Address the DICOM listener binds to.")
+    port: int = Field(11112, ge=1, le=65535, description="TCP port of the DICOM listener.")
+    allowed_calling_aes: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("*",),
+        description=(
+            "Comma-separated calling AE titles allowed to associate; `*` allows any. "
+            "Others are rejected at association (A-ASSOCIATE-RJ, calling AE not recognised)."
+        ),
+    )
+    max_associations: int = Field(
+        16, ge=1, description="Maximum simultaneous associations per listener process."
+    )
+    listener_processes: int = Field(
+        1,
+        ge=1,
+        description="Listener processes sharing the port (SO_REUSEPORT); more than 1 uses more cores.",
+    )
+    max_pdu: int = Field(
+        262_144,
+        ge=0,
+        description="Maximum PDU size the listener offers (bytes; 0 = unlimited).",
+    )
+    network_timeout: float = Field(
+        60.0, gt=0, description="Seconds an idle association is kept before it is aborted."
+    )
+    tls_cert: Path | None = Field(
+        None, description="PEM server certificate; with CTDX_TLS_KEY enables TLS on the listener."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of the server certificate.")
+    tls_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, clients must present a certificate signed by it.",
+    )
+
+    # --- storage ----------------------------------------------------------------
+    data_dir: Path = Field(
+        Path("ctdx-data"),
+        description="Spool (received instances, reports) and the default SQLite database live here.",
+    )
+    database_url: str | None = Field(
+        None,
+        description=(
+            "SQLAlchemy URL of the results database; default `sqlite:///<data_dir>/ctdx.sqlite3`. "
+            "Production: `postgresql+psycopg://user@host/db`."
+        ),
+    )
+    min_free_bytes: int = Field(
+        1_000_000_000,
+        ge=0,
+        description="Free disk space under the data dir below which C-STORE answers 0xA700.",
+    )
+
+    # --- study completion and queueing ----------------------------------------
+    quiet_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A study is complete after this many seconds with no new instance and no open association sending it.",
+    )
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Celery broker URL (Redis in production; `memory://` or `embedded` for the no-service mode).",
+    )
+    outbox_poll_seconds: float = Field(
+        1.0, gt=0, description="How often the listener retries handing queued studies to the broker."
+    )
+
+    # --- analysis -----------------------------------------------------------------
+    model: Path | None = Field(
+        None,
+        description="Path of the recognition checkpoint (ResNet50, written by `ctdx train export`).",
+    )
+    manifestation_model: Path | None = Field(
+        None,
+        description="Path of the manifestation checkpoint (ResNet18); none = manifestations not reported.",
+    )
+    covid_threshold: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Study is COVID-19 when the share of analysed slices called COVID-19 is above this (paper: 5%).",
+    )
+    min_lung_fraction: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="Slices whose lung mask covers less than this share of the image are skipped.",
+    )
+    batch_size: int = Field(32, ge=1, description="Slices per batch through segmentation and the networks.")
+    device: str = Field("auto", description="`auto` (GPU when present), `cpu` or `cuda[:N]`.")
+    task_time_limit: int = Field(
+        1800, ge=10, description="Hard time limit of one study analysis (seconds)."
+    )
+
+    # --- reporting ----------------------------------------------------------------
+    pacs_ae_title: str = Field("PACS", max_length=16, description="AE title of the PACS that receives reports.")
+    pacs_host: str | None = Field(None, description="Host of the PACS; unset = reports are built but not sent.")
+    pacs_port: int = Field(104, ge=1, le=65535, description="Port of the PACS.")
+
+    @field_validator("allowed_calling_aes", mode="before")
+    @classmethod
+    def _parse_aes(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'ctdx.sqlite3').absolute()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    def allows_calling_ae(self, ae_title: str) -> bool:
+        return "*" in self.allowed_calling_aes or ae_title.strip() in self.allowed_calling_aes
+
+
+def _file_values(path: Path) -> dict[str, Any]:
+    with path.open("rb") as fh:
+        raw = tomllib.load(fh)
+    return {key.lower(): value for key, value in raw.items()}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from file, environment and explicit overrides (highest wins).
+
+    ``overrides`` whose value is ``None`` are ignored, so CLI options can be
+    passed straight through.
+    """
+    values: dict[str, Any] = {}
+    config_file = os.environ.get(f"{ENV_PREFIX}CONFIG_FILE")
+    if config_file:
+        file_values = _file_values(Path(config_file))
+        env_names = {k[len(ENV_PREFIX) :].lower() for k in os.environ if k.startswith(ENV_PREFIX)}
+        values.update({k: v for k, v in file_values.items() if k not in env_names})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)

@@ -1,0 +1,1 @@
+"""ctdx model_train/method."""
