@@ -177,3 +177,23 @@ def load_settings(**overrides: Any) -> Settings:
         values.update({k: v for k, v in file_values.items() if k not in env_names})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Settings(**values)
+
+
+def markdown_table() -> str:
+    """The README's configuration rows (``python -m db.settings`` prints them)."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, tuple):
+            shown = f"`{','.join(default)}`"
+        elif default is None:
+            shown = "unset"
+        else:
+            shown = f"`{default}`"
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
