@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -131,6 +131,28 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="`auto` (GPU when present), `cpu` or `cuda[:N]`.")
     task_time_limit: int = Field(
         1800, ge=10, description="Hard time limit of one study analysis (seconds)."
+    )
+    segmentation_backend: Literal["torch", "skimage"] = Field(
+        "torch",
+        description=(
+            "Lung segmentation used by the worker: `torch` (batched, the default) or `skimage` "
+            "(the paper's scikit-image reference, slice by slice)."
+        ),
+    )
+    series_rules: Path | None = Field(
+        None,
+        description=(
+            "TOML or JSON file of series-selection rules (filters and preferences); "
+            "unset = the built-in rules of `worker/series_selection.py`."
+        ),
+    )
+    claim_timeout: float = Field(
+        300.0,
+        ge=5,
+        description=(
+            "Seconds without a heartbeat after which a worker's claim on a study is taken to be "
+            "abandoned (worker killed) and another worker takes the study over."
+        ),
     )
 
     # --- reporting ----------------------------------------------------------------
