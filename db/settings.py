@@ -159,11 +159,42 @@ class Settings(BaseSettings):
     pacs_ae_title: str = Field("PACS", max_length=16, description="AE title of the PACS that receives reports.")
     pacs_host: str | None = Field(None, description="Host of the PACS; unset = reports are built but not sent.")
     pacs_port: int = Field(104, ge=1, le=65535, description="Port of the PACS.")
+    report_outputs: Annotated[tuple[Literal["sr", "sc", "ko"], ...], NoDecode] = Field(
+        ("sr",),
+        min_length=1,
+        description=(
+            "Comma-separated objects sent to the PACS per analysed study: `sr` (DICOM SR), "
+            "`sc` (Secondary Capture summary image, for PACS that do not display SR), "
+            "`ko` (Key Object Selection of the key slices); e.g. `sr,sc,ko`."
+        ),
+    )
+    export_max_attempts: int = Field(
+        12,
+        ge=1,
+        description="C-STORE attempts per report object before it is dead-lettered (state `dead`).",
+    )
+    export_backoff_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Delay after the first failed C-STORE; doubles after each further failure.",
+    )
+    export_backoff_max_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description=(
+            "Upper bound of the retry delay; with the defaults 12 attempts span about 5 hours."
+        ),
+    )
 
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod
     def _parse_aes(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("report_outputs", mode="before")
+    @classmethod
+    def _parse_outputs(cls, value: Any) -> Any:
+        return _split_csv(value.lower()) if isinstance(value, str) else value
 
     @property
     def resolved_database_url(self) -> str:
