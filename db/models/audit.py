@@ -1,4 +1,9 @@
-"""Operator actions (migration 0004): who did what, when."""
+"""Operator actions (migration 0004): who did what, when.
+
+Written by :mod:`db.operations` in the same transaction as the action itself.
+``detail`` is a JSON object with the state before the action (e.g. an export's
+attempts and last error, which the retry resets).
+"""
 
 from __future__ import annotations
 
@@ -17,5 +22,5 @@ class AuditEntry(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     actor: Mapped[str] = mapped_column(String(128))  # OS user@host
     action: Mapped[str] = mapped_column(String(64))  # e.g. "studies.requeue"
-    target: Mapped[str] = mapped_column(String(128))  # UID or export id
-    detail: Mapped[str | None] = mapped_column(Text)
+    target: Mapped[str] = mapped_column(String(128), index=True)  # study UID or export id
+    detail: Mapped[str | None] = mapped_column(Text)  # JSON object
