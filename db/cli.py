@@ -10,10 +10,21 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.exc import OperationalError
 
 from db import migrate
-from db.settings import load_settings
+from db.cli_common import (
+    EXIT_DATABASE,
+    DatabaseUrlOption,
+    UserError,
+    database_unreachable,
+    require_existing_sqlite,
+    resolve_database_url,
+    revision_problem,
+)
+
+__all__ = ["DatabaseUrlOption", "UserError", "app", "main"]
 
 app = typer.Typer(
     name="ctdx",
@@ -29,44 +40,36 @@ app.add_typer(db_app, name="db")
 err = Console(stderr=True, soft_wrap=True)
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit code ``code``."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-DatabaseUrlOption = typer.Option(
-    None, "--database-url", help="SQLAlchemy URL (default: CTDX_DATABASE_URL or SQLite in the data dir)."
-)
-
-
 @db_app.command("upgrade")
 def db_upgrade(database_url: str | None = DatabaseUrlOption) -> None:
-    """Create or migrate the database to the newest schema (safe to run again)."""
-    url = load_settings(database_url=database_url).resolved_database_url
+    """Create or migrate the database to the newest schema (safe to run again).
+
+    A SQLite file (and its folder) is created when absent; a PostgreSQL
+    database must exist (create it with `createdb`).
+    """
+    url = resolve_database_url(database_url)
     try:
         migrate.upgrade(url)
     except OperationalError as exc:
-        raise UserError(f"cannot reach the database: {exc.orig}") from None
+        raise database_unreachable(exc) from None
     typer.echo(f"database at revision {migrate.head_revision()}")
 
 
 @db_app.command("check")
 def db_check(database_url: str | None = DatabaseUrlOption) -> None:
-    """Exit 0 when the database is reachable and at the newest revision."""
-    url = load_settings(database_url=database_url).resolved_database_url
+    """Exit 0 when the database exists, is reachable and is at the newest revision.
+
+    Exit 3 otherwise, with the reason. Never creates a missing SQLite file.
+    """
+    url = resolve_database_url(database_url)
+    require_existing_sqlite(url)
     try:
         st = migrate.status(url)
     except OperationalError as exc:
-        raise UserError(f"cannot reach the database: {exc.orig}") from None
-    if not st.at_head:
-        raise UserError(
-            f"database is at revision {st.current or 'none (empty)'}, code needs {st.head}: "
-            "run `ctdx db upgrade`",
-            code=3,
-        )
+        raise database_unreachable(exc) from None
+    problem = revision_problem(st.current, st.head)
+    if problem is not None:
+        raise UserError(problem, EXIT_DATABASE)
     typer.echo(f"ok: database reachable and at revision {st.head}")
 
 
@@ -87,10 +90,11 @@ _register_subcommands()
 
 
 def main() -> None:
+    """Entry point of the ``ctdx`` script: user errors as one red line and their exit code."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except UserError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(exc.code)
     except typer.Abort:
         err.print("aborted")
@@ -102,3 +106,6 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    # without standalone mode click returns, rather than raises, `typer.Exit(code)`
+    if isinstance(rc, int) and not isinstance(rc, bool):
+        sys.exit(rc)
