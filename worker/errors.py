@@ -1,0 +1,43 @@
+"""The worker's domain exceptions.
+
+Two families, translated only at the task edge (``worker.tasks``):
+
+- :class:`AnalysisError`: the study itself cannot be analysed (no usable CT
+  series, undecodable pixel data). Permanent: the study version is marked
+  ``failed`` with ``str(exc)`` as the reason, kept for an operator, and the
+  task is not retried. Messages are read by people: they name the series or
+  SOP Instance UID and never carry patient data.
+- :class:`WorkerNotReady`: this worker cannot analyse anything (no model
+  configured, checkpoint unreadable). Not the study's fault, so the study is
+  not failed; the task is retried later.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+class AnalysisError(Exception):
+    """A study version that cannot be analysed; the message is the operator's reason."""
+
+
+class NoUsableSeries(AnalysisError):
+    """No series of the study passes the series-selection filters."""
+
+
+class UndecodablePixelData(AnalysisError):
+    """An instance whose pixel data (or header) cannot be decoded."""
+
+    def __init__(self, sop_instance_uid: str, detail: str) -> None:
+        super().__init__(f"cannot decode pixel data of SOP Instance {sop_instance_uid}: {detail}")
+        self.sop_instance_uid = sop_instance_uid
+
+
+class InconsistentSeries(AnalysisError):
+    """The chosen series cannot be stacked (missing positions, differing image sizes)."""
+
+
+class WorkerNotReady(RuntimeError):
+    """The worker lacks what every analysis needs (model, database schema)."""
