@@ -1,4 +1,11 @@
-"""Export outbox (migration 0003): one row per report object and destination."""
+"""Export outbox (migration 0003): one row per report object and destination.
+
+A row is created only after its file is durably on disk (``path``, relative to
+the data dir). Delivery claims a row by moving ``next_attempt_at`` forward by a
+lease and writing ``claimed_by`` in one compare-and-set ``UPDATE``; only the
+claimant's outcome is recorded (``WHERE claimed_by = :token``). See
+``worker/report/outbox.py``.
+"""
 
 from __future__ import annotations
 
@@ -34,4 +41,6 @@ class Export(Base):
     last_status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status of the last C-STORE
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))  # host:pid/token while sending
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

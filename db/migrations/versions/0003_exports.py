@@ -33,6 +33,8 @@ def upgrade() -> None:
         sa.Column("last_status", sa.Integer(), nullable=True),
         sa.Column("created_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
         sa.Column("next_attempt_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("last_attempt_at", db.models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("claimed_by", sa.String(length=128), nullable=True),
         sa.Column("delivered_at", db.models.base.UTCDateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["analysis_id"], ["analyses.id"], name=op.f("fk_exports_analysis_id_analyses")
@@ -48,7 +50,6 @@ def upgrade() -> None:
             batch_op.f("ix_exports_next_attempt_at"), ["next_attempt_at"], unique=False
         )
         batch_op.create_index(batch_op.f("ix_exports_state"), ["state"], unique=False)
-
 
 
 def downgrade() -> None:
