@@ -59,7 +59,7 @@ def load_study_version(session: Session, study_version_id: int, spool_dir: Path)
     ).one_or_none()
     if row is None:
         raise StudyVersionNotFound(f"study version {study_version_id} does not exist")
-    version, study = row.tuple()
+    version, study = row
     rows = session.execute(
         select(Series, Instance)
         .join(Instance, Instance.series_id == Series.id)
