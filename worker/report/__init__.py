@@ -1,15 +1,29 @@
-"""Reports back to PACS: DICOM SR (highdicom), export outbox, delivery."""
+"""Reports back to PACS: DICOM SR (highdicom), export outbox, delivery.
+
+Public API:
+
+- :func:`publish_reports` (the worker calls it after an analysis is committed):
+  build the report objects, record them in the export outbox, try to deliver.
+- :class:`DeliveryLoop` (``ctdx worker``'s main process, or a thread in
+  embedded mode) and :func:`deliver_due`: deliver what is due, retrying with
+  backoff, dead-lettering after ``CTDX_EXPORT_MAX_ATTEMPTS``.
+- :func:`worker.report.outbox.list_exports` / :func:`~worker.report.outbox.requeue`
+  for the CLI.
+
+docs/sr-content.md describes the SR's content and codes.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine
+from worker.report.delivery import DeliveryLoop, deliver_due
+from worker.report.errors import AnalysisNotReportable, ReportError, SourceImageMissing
+from worker.report.publish import publish_reports
 
-from db.settings import Settings
-
-
-def publish_reports(engine: Engine, analysis_id: int, settings: Settings) -> None:
-    """Build the report objects of an analysed study and try to deliver them at once.
-
-    Called by the worker after the analysis is committed. Must not raise for
-    delivery problems (they are retried from the export outbox).
-    """
+__all__ = [
+    "AnalysisNotReportable",
+    "DeliveryLoop",
+    "ReportError",
+    "SourceImageMissing",
+    "deliver_due",
+    "publish_reports",
+]

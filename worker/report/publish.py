@@ -1,0 +1,165 @@
+"""From an analysis to report files on disk and rows in the export outbox.
+
+Reads like the diagram: load the analysis -> read the headers it needs from
+the spool -> build the objects named by ``settings.report_outputs`` -> write
+each durably -> record one export per object -> try to deliver at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from db.models import Analysis, AnalysisState, StudyVersion, utcnow
+from db.session import session_scope
+from db.settings import Settings
+from worker.report import outbox, storage
+from worker.report.delivery import deliver_due
+from worker.report.errors import SourceImageMissing
+from worker.report.inputs import ReportInput, SliceInfo, load_report_input
+from worker.report.ko import build_key_objects
+from worker.report.outbox import StoredObject
+from worker.report.sr import SrSources, build_sr
+from worker.report.summary import build_summary
+from worker.report.uids import object_uids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreviousAnalysis:
+    study_version: int
+    model_uid: str
+
+
+def previous_analyses(session: Session, inp: ReportInput) -> list[PreviousAnalysis]:
+    """Earlier analyses of the same study, newest first (the newest SR among them is replaced)."""
+    rows = session.execute(
+        select(StudyVersion.version, Analysis.model_uid, Analysis.finished_at)
+        .join(Analysis, Analysis.study_version_id == StudyVersion.id)
+        .where(
+            StudyVersion.study_id == inp.study_id,
+            Analysis.state == AnalysisState.ANALYSED,
+            Analysis.id != inp.analysis_id,
+        )
+    ).all()
+    older = [
+        row
+        for row in rows
+        if (row.version, row.finished_at or inp.finished_at) < (inp.study_version, inp.finished_at)
+    ]
+    older.sort(key=lambda row: (row.version, row.finished_at or inp.finished_at), reverse=True)
+    return [PreviousAnalysis(row.version, row.model_uid) for row in older]
+
+
+def read_image(settings: Settings, sl: SliceInfo, pixels: bool = False) -> Dataset:
+    path = settings.spool_dir / sl.path
+    try:
+        return dcmread(path, stop_before_pixels=not pixels)
+    except (OSError, InvalidDicomError) as exc:
+        raise SourceImageMissing(
+            f"instance {sl.sop_instance_uid} is not readable in the spool: {exc}"
+        ) from exc
+
+
+def predecessor_header(
+    settings: Settings, inp: ReportInput, previous: list[PreviousAnalysis]
+) -> Dataset | None:
+    """The SR of the newest earlier analysis that has one on disk."""
+    for prev in previous:
+        uids = object_uids(inp.study_instance_uid, prev.study_version, prev.model_uid, "sr")
+        path = settings.data_dir / storage.relative_path(
+            inp.study_instance_uid, "sr", uids.sop_instance_uid
+        )
+        if path.is_file():
+            return storage.read_header(path)
+    return None
+
+
+def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[StoredObject]:
+    """Build and durably write the configured report objects of an analysis."""
+    with session_scope(engine) as session:
+        inp = load_report_input(session, analysis_id)
+        previous = previous_analyses(session, inp)
+    key_slices = inp.key_slices
+    source = read_image(settings, key_slices[0] if key_slices else inp.slices[0])
+    key_headers = [read_image(settings, sl) for sl in key_slices]
+    objects: list[StoredObject] = []
+    if "sr" in settings.report_outputs:
+        predecessor = predecessor_header(settings, inp, previous)
+        sr = build_sr(
+            inp, SrSources(source=source, key_images=key_headers, predecessor=predecessor)
+        )
+        objects.append(
+            StoredObject(
+                kind="sr",
+                sop_instance_uid=str(sr.SOPInstanceUID),
+                path=str(storage.save(settings.data_dir, "sr", sr)),
+                replaces_sop_instance_uid=(
+                    str(predecessor.SOPInstanceUID) if predecessor is not None else None
+                ),
+            )
+        )
+    if "sc" in settings.report_outputs:
+        shown = key_slices[0] if key_slices else representative_slice(inp)
+        sc = build_summary(inp, read_image(settings, shown, pixels=True), shown)
+        objects.append(
+            StoredObject(
+                "sc", str(sc.SOPInstanceUID), str(storage.save(settings.data_dir, "sc", sc))
+            )
+        )
+    if "ko" in settings.report_outputs:
+        if key_headers:
+            ko = build_key_objects(inp, key_headers)
+            objects.append(
+                StoredObject(
+                    "ko", str(ko.SOPInstanceUID), str(storage.save(settings.data_dir, "ko", ko))
+                )
+            )
+        else:
+            logger.info("analysis %d has no key slices: no key object selection", analysis_id)
+    return objects
+
+
+def representative_slice(inp: ReportInput) -> SliceInfo:
+    """Without key slices, the summary shows the middle analysed slice."""
+    analysed = [s for s in inp.slices if not s.skipped] or list(inp.slices)
+    return analysed[len(analysed) // 2]
+
+
+def publish_reports(engine: Engine, analysis_id: int, settings: Settings) -> None:
+    """Build the report objects of an analysed study and try to deliver them at once.
+
+    Idempotent: an analysis whose exports are recorded is not built again, its
+    pending exports are only offered for delivery. Raises
+    :class:`~worker.report.errors.ReportError` when no report can be built;
+    never raises for delivery problems (the outbox retries them).
+    """
+    with session_scope(engine) as session:
+        existing = outbox.export_ids_of(session, analysis_id)
+    destination = outbox.destination_from(settings)
+    if existing:
+        ids = existing
+        logger.info(
+            "analysis %d: exports already recorded, offering them for delivery", analysis_id
+        )
+    else:
+        objects = build_objects(engine, analysis_id, settings)
+        if destination is None:
+            logger.info(
+                "analysis %d: %d report objects built; no PACS configured (CTDX_PACS_HOST)",
+                analysis_id,
+                len(objects),
+            )
+            return
+        ids = outbox.record_exports(engine, analysis_id, objects, destination, utcnow())
+    try:
+        deliver_due(engine, settings, ids=ids)
+    except (SQLAlchemyError, OSError):
+        logger.exception("analysis %d: immediate delivery failed; the outbox retries", analysis_id)
