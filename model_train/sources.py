@@ -1,8 +1,9 @@
 """From manifest rows to Hounsfield-unit slices: the only place training reads pixels.
 
 - **DICOM** files are decoded with pydicom (compressed transfer syntaxes through
-  the pylibjpeg / gdcm plugins) and rescaled to HU with the modality LUT
-  (RescaleSlope / RescaleIntercept), as the worker does for received instances.
+  the pylibjpeg / gdcm plugins) and rescaled to HU (RescaleSlope /
+  RescaleIntercept, clipped below at -1024), exactly as the worker does for
+  received instances.
 - **Series directories** expand to one slice per DICOM file in them.
 - **8-bit slice images** (PNG/JPEG of CC-CCII, COVID-CT, MedSeg) carry no HU. The
   grey value ``g`` (0..255) of an image exported with display window
@@ -32,6 +33,7 @@ from model_train.manifest import IMAGE_SUFFIXES, ManifestRow
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_WINDOW: tuple[float, float] = (-600.0, 1500.0)
+MIN_HU = -1024.0
 
 
 class SourceError(ValueError):
@@ -77,17 +79,28 @@ def expand_rows(rows: Sequence[ManifestRow]) -> tuple[SliceSource, ...]:
 
 
 def dicom_hu(path: Path) -> NDArray[np.float32]:
-    """Hounsfield units of a single-frame CT DICOM file."""
-    from pydicom.pixels.processing import apply_rescale
+    """Hounsfield units of a single-frame CT DICOM file, computed as the worker computes them.
 
+    ``stored * RescaleSlope + RescaleIntercept`` in float32, clipped below at -1024 HU
+    (padding outside the scan field reads as air); the same arithmetic as
+    ``worker.loading.decode_hu``, which a test checks bit for bit.
+    """
     try:
         ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
+        stored = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for unreadable or undecodable files
         raise SourceError(f"{path}: cannot decode DICOM pixels ({exc})") from exc
-    if pixels.ndim != 2:
-        raise SourceError(f"{path}: expected one 2-D frame, got shape {pixels.shape}")
-    return np.asarray(apply_rescale(pixels, ds), dtype=np.float32)
+    if stored.ndim != 2:
+        raise SourceError(f"{path}: expected one 2-D frame, got shape {stored.shape}")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    hu = stored.astype(np.float32)
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    if intercept != 0.0:
+        hu += np.float32(intercept)
+    np.maximum(hu, MIN_HU, out=hu)
+    return hu
 
 
 def image_hu(path: Path, rotate: int = 0,
@@ -101,7 +114,9 @@ def image_hu(path: Path, rotate: int = 0,
     if rotate:
         grey = np.rot90(grey, k=-(rotate // 90))  # negative k: clockwise
     c, w = window or DEFAULT_IMAGE_WINDOW
-    return np.ascontiguousarray(c - w / 2.0 + grey / 255.0 * w, dtype=np.float32)
+    hu = np.ascontiguousarray(c - w / 2.0 + grey / 255.0 * w, dtype=np.float32)
+    np.maximum(hu, MIN_HU, out=hu)
+    return hu
 
 
 def load_hu(source: SliceSource) -> NDArray[np.float32]:

@@ -8,8 +8,8 @@ How these images enter the shared preprocessing (documented in docs/training.md)
 
 - **Label**: the paper's manifestation task is single-label (each image is one of
   GGO / consolidation / fibrotic streaks), MedSeg's masks are multi-label. An
-  image gets the manifestation with the most mask pixels (37 of 50 show both).
-  There are no fibrotic-streak labels in this set.
+  image gets the manifestation with the most mask pixels (37 of 50 show both):
+  36 GGO, 14 consolidation. There are no fibrotic-streak labels in this set.
 - **Orientation**: images are stored rotated 90 degrees (spine on the right);
   rows carry ``rotate=90`` (clockwise) so they enter anterior-up like CT.
 - **Intensity**: grey values are mapped back to approximate HU through the
@@ -38,33 +38,49 @@ GGO_VALUE = 1
 CONSOLIDATION_VALUE = 2
 
 
-def dominant_manifestation(ggo_pixels: int, consolidation_pixels: int) -> str | None:
-    """The manifestation covering more of the slice; None when the mask is empty."""
-    if ggo_pixels <= 0 and consolidation_pixels <= 0:
-        return None
-    return "ground_glass_opacity" if ggo_pixels >= consolidation_pixels else "consolidation"
+def dominant_manifestation(ggo_pixels: int, consolidation_pixels: int,
+                           streak_pixels: int = 0) -> str | None:
+    """The manifestation covering most of the slice (ties: GGO, then consolidation)."""
+    counts = [("ground_glass_opacity", ggo_pixels), ("consolidation", consolidation_pixels),
+              ("fibrotic_streaks", streak_pixels)]
+    name, top = max(counts, key=lambda item: item[1])  # max keeps the first of equal counts
+    return name if top > 0 else None
 
 
-def _counts_from_mask(mask: Path) -> tuple[int, int]:
-    values = np.asarray(Image.open(mask))
-    return int((values == GGO_VALUE).sum()), int((values == CONSOLIDATION_VALUE).sum())
+def _counts_from_mask(mask: Path, streak_value: int | None) -> tuple[int, int, int]:
+    with Image.open(mask) as img:
+        values = np.asarray(img)
+    streaks = int((values == streak_value).sum()) if streak_value is not None else 0
+    return (int((values == GGO_VALUE).sum()), int((values == CONSOLIDATION_VALUE).sum()),
+            streaks)
 
 
 def import_medseg(
-    root: Path, window: tuple[float, float] = LUNG_WINDOW, rotate: int = 90
+    root: Path,
+    window: tuple[float, float] = LUNG_WINDOW,
+    rotate: int = 90,
+    streak_value: int | None = None,
 ) -> tuple[ManifestRow, ...]:
-    """One manifestation row per image with a non-empty mask."""
+    """One manifestation row per image with a non-empty mask.
+
+    ``labels.csv`` (columns ``image``, ``ggo_pixels``, ``consolidation_pixels`` and
+    optionally ``streak_pixels``) gives the counts; without it they are counted
+    in the masks. MedSeg has no fibrotic-streak label (its value 3 is pleural
+    effusion), so streaks are counted only where ``streak_value`` names their
+    mask value.
+    """
     root = Path(root).absolute()
     images_dir, masks_dir = root / "images", root / "masks"
     if not images_dir.is_dir() or not masks_dir.is_dir():
         raise DataImportError(f"{root}: expected images/ and masks/ folders")
-    counts: dict[str, tuple[int, int]] = {}
+    counts: dict[str, tuple[int, int, int]] = {}
     table = root / "labels.csv"
     if table.is_file():
         with table.open(newline="", encoding="utf-8") as fh:
             for raw in csv.DictReader(fh):
                 name = Path(raw["image"]).name
-                counts[name] = (int(raw["ggo_pixels"]), int(raw["consolidation_pixels"]))
+                counts[name] = (int(raw["ggo_pixels"]), int(raw["consolidation_pixels"]),
+                                int(raw.get("streak_pixels") or 0))
     rows: list[ManifestRow] = []
     skipped = 0
     for image in sorted(images_dir.iterdir(), key=lambda p: (len(p.stem), p.stem)):
@@ -74,7 +90,7 @@ def import_medseg(
             mask = masks_dir / f"{image.stem}.png"
             if not mask.is_file():
                 raise DataImportError(f"{image}: no mask {mask.name} and no labels.csv row")
-            counts[image.name] = _counts_from_mask(mask)
+            counts[image.name] = _counts_from_mask(mask, streak_value)
         manifestation = dominant_manifestation(*counts[image.name])
         if manifestation is None:
             skipped += 1
