@@ -30,6 +30,13 @@ app = typer.Typer(
     name="ctdx",
     help="ctdx: a second reader for COVID-19 on chest CT (Chen et al. 2021). "
     "Settings come from CTDX_* environment variables (see the README); flags override them.",
+    epilog="Common questions:\n"
+    "What came in today?  ctdx results list --since today\n"
+    "COVID-19 positive?   ctdx results list --since today --decision covid19\n"
+    "One study in full?   ctdx results show ACCESSION_NUMBER_OR_UID\n"
+    "Reports not in PACS? ctdx exports list --state dead\n"
+    "Send them again?     ctdx exports retry --dead\n"
+    "How is it going?     ctdx results stats --since 7d",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
