@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pydicom import dcmread
@@ -69,26 +70,34 @@ def describe_status(status: int) -> str:
 
 
 def store(path: Path, destination: Destination, calling_ae_title: str, timeout: float) -> int:
-    """Send one file by C-STORE; the status when it counts as delivered, else DeliveryError."""
+    """Send one file by C-STORE; the status when it counts as delivered, else DeliveryError.
+
+    When the PACS accepts the file's own transfer syntax the file's bytes are
+    sent as they are (no decoding and re-encoding); otherwise pynetdicom
+    re-encodes the data set in the syntax the PACS accepted.
+    """
     try:
-        dataset = dcmread(path)
-    except (OSError, InvalidDicomError) as exc:
+        header = dcmread(path, stop_before_pixels=True)
+        file_syntax = str(header.file_meta.TransferSyntaxUID)
+        sop_class_uid = str(header.SOPClassUID)
+    except (OSError, InvalidDicomError, AttributeError) as exc:
         raise DeliveryError(f"cannot read {path.name}: {exc}") from exc
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    syntaxes = list(
-        dict.fromkeys(
-            [dataset.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        )
-    )
-    ae.add_requested_context(dataset.SOPClassUID, syntaxes)
+    syntaxes = list(dict.fromkeys([file_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    ae.add_requested_context(sop_class_uid, syntaxes)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise DeliveryError(f"association with {destination} {how}")
     try:
-        response = assoc.send_c_store(dataset)
-    except (ValueError, RuntimeError) as exc:  # e.g. no accepted presentation context
+        as_is = any(
+            cx.abstract_syntax == sop_class_uid and cx.transfer_syntax[0] == file_syntax
+            for cx in assoc.accepted_contexts
+        )
+        response = assoc.send_c_store(path if as_is else dcmread(path))
+    except (ValueError, RuntimeError, OSError, InvalidDicomError) as exc:
+        # e.g. the PACS accepted no presentation context for this SOP class
         raise DeliveryError(f"C-STORE to {destination} not possible: {exc}") from exc
     finally:
         if assoc.is_established:
@@ -102,7 +111,7 @@ def store(path: Path, destination: Destination, calling_ae_title: str, timeout: 
         logger.warning(
             "%s stored %s with warning 0x%04X (%s)",
             destination,
-            dataset.SOPInstanceUID,
+            header.SOPInstanceUID,
             status,
             STORED_WITH_WARNING[status],
         )
@@ -114,7 +123,12 @@ def store(path: Path, destination: Destination, calling_ae_title: str, timeout: 
 
 
 def deliver(engine: Engine, settings: Settings, claimed: ClaimedExport, now: datetime) -> bool:
-    """Send one claimed export and record the outcome; ``True`` when delivered."""
+    """Send one claimed export and record the outcome; ``True`` when delivered.
+
+    ``now`` is when the send starts; the outcome is stamped that clock plus
+    the time the send took, so a backoff counts from the end of a slow attempt.
+    """
+    started = time.monotonic()
     try:
         destination = Destination.parse(claimed.destination)
         status = store(
@@ -125,9 +139,12 @@ def deliver(engine: Engine, settings: Settings, claimed: ClaimedExport, now: dat
         )
     except (DeliveryError, ValueError) as exc:
         status_code = exc.status if isinstance(exc, DeliveryError) else None
-        outbox.record_failure(engine, settings, claimed, str(exc), status_code, now)
+        finished = now + timedelta(seconds=time.monotonic() - started)
+        outbox.record_failure(engine, settings, claimed, str(exc), status_code, finished)
         return False
-    outbox.record_delivered(engine, claimed, status, now)
+    outbox.record_delivered(
+        engine, claimed, status, now + timedelta(seconds=time.monotonic() - started)
+    )
     logger.info(
         "delivered %s %s to %s (export %d, attempt %d)",
         claimed.kind,
@@ -151,9 +168,10 @@ def deliver_due(
     at most :data:`~worker.report.outbox.CLAIM_BATCH` per call.
     """
     moment = now or utcnow()
+    started = time.monotonic()
     claimed = outbox.claim_due(engine, settings, moment, ids=ids)
     for item in claimed:
-        deliver(engine, settings, item, moment)
+        deliver(engine, settings, item, moment + timedelta(seconds=time.monotonic() - started))
     return len(claimed)
 
 

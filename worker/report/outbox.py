@@ -110,6 +110,7 @@ class ExportView:
     last_error: str | None
     last_status: int | None
     next_attempt_at: datetime
+    last_attempt_at: datetime | None
     delivered_at: datetime | None
 
     @classmethod
@@ -126,6 +127,7 @@ class ExportView:
             last_error=row.last_error,
             last_status=row.last_status,
             next_attempt_at=row.next_attempt_at,
+            last_attempt_at=row.last_attempt_at,
             delivered_at=row.delivered_at,
         )
 

@@ -58,14 +58,34 @@ def previous_analyses(session: Session, inp: ReportInput) -> list[PreviousAnalys
     return [PreviousAnalysis(row.version, row.model_uid) for row in older]
 
 
+#: Type 2 attributes of the Patient and General Study modules that the report objects copy
+#: from a source image; de-identified images often lack some, and an empty value is valid.
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
 def read_image(settings: Settings, sl: SliceInfo, pixels: bool = False) -> Dataset:
+    """A source image from the spool, with absent copied Type 2 attributes present and empty."""
     path = settings.spool_dir / sl.path
     try:
-        return dcmread(path, stop_before_pixels=not pixels)
+        dataset = dcmread(path, stop_before_pixels=not pixels)
     except (OSError, InvalidDicomError) as exc:
         raise SourceImageMissing(
             f"instance {sl.sop_instance_uid} is not readable in the spool: {exc}"
         ) from exc
+    for keyword in TYPE2_COPIED:
+        if keyword not in dataset:
+            setattr(dataset, keyword, "")
+    return dataset
 
 
 def predecessor_header(
