@@ -72,6 +72,9 @@ class TaskData:
     train: SliceSet
     validation: SliceSet
     test: SliceSet
+    test_studies: SliceSet | None = None
+    """Recognition: every slice the worker would analyse of the test studies (no slice
+    policy), for the study-level evaluation; None for the manifestation task."""
 
     def summary(self) -> dict[str, object]:
         """Counts per set and class; no identifiers (goes into exported checkpoints)."""
@@ -107,6 +110,13 @@ def task_manifest(config: Config, task: Task) -> Manifest:
     return rows
 
 
+def study_manifest(config: Config) -> Manifest:
+    """The recognition manifest without the slice policy: what the worker sees of a study."""
+    if config.data.manifest is None:
+        raise ConfigError("no manifest: give --manifest or set data.manifest")
+    return read_manifest(config.data.manifest)
+
+
 def task_folds(config: Config, task: Task, manifest: Manifest) -> tuple[Split, ...]:
     make = recognition_folds if task == "recognition" else manifestation_folds
     return make(manifest, config.split.seed, config.split.folds, config.split.holdout_percent)
@@ -124,6 +134,7 @@ def ensure_cached(config: Config, manifest: Manifest, params: PreprocessParams,
 
 def _slice_set(config: Config, task: Task, manifest: Manifest, keys: tuple[str, ...],
                params: PreprocessParams, name: str) -> SliceSet:
+    """The usable slices of the rows whose unit key is in ``keys``."""
     rows = rows_in(manifest, keys, task_unit(task))
     sources = expand_rows(rows)
     cached = load_cached(sources, config.data.cache_dir, params)
@@ -151,10 +162,17 @@ def _slice_set(config: Config, task: Task, manifest: Manifest, keys: tuple[str, 
 
 
 def load_task_data(config: Config, task: Task, split: Split, manifest: Manifest,
-                   params: PreprocessParams) -> TaskData:
-    """The three sets of one fold, read from the (already built) cache."""
+                   params: PreprocessParams, studies: Manifest | None = None) -> TaskData:
+    """The three sets of one fold, read from the (already built) cache.
+
+    ``studies`` (recognition): the manifest without slice policy; its rows of the
+    test subjects become :attr:`TaskData.test_studies`.
+    """
     sets = {name: _slice_set(config, task, manifest, getattr(split, name), params, name)
             for name in SET_NAMES}
+    test_studies = None
+    if studies is not None and task == "recognition":
+        test_studies = _slice_set(config, task, studies, split.test, params, "test studies")
     cap = config.train.max_train_slices
     if cap and len(sets["train"]) > cap:
         rng = np.random.default_rng(config.train.seed)
@@ -165,7 +183,7 @@ def load_task_data(config: Config, task: Task, split: Split, manifest: Manifest,
                                  tuple(t.studies[i] for i in pick),
                                  tuple(t.paths[i] for i in pick))
     data = TaskData(task, split, classes_for(task), sets["train"], sets["validation"],
-                    sets["test"])
+                    sets["test"], test_studies)
     logger.info("task %s fold %d: %s", task, split.fold,
                 {n: len(getattr(data, n)) for n in SET_NAMES})
     return data

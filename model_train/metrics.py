@@ -167,7 +167,7 @@ def default_decide() -> Decide:
     from model_train.method.decision import decide_study
 
     def decide(probs: NDArray[np.float32], threshold: float) -> str:
-        return str(decide_study(probs, threshold).label)
+        return str(decide_study(probs, threshold).decision)
 
     return decide
 

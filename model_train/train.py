@@ -18,7 +18,9 @@ One run writes to its folder:
 - ``checkpoint-best.pt``: the weights of the best validation epoch;
 - ``history.csv``; ``predictions-test.csv`` / ``predictions-validation.csv``:
   per slice, the subject, study, true class and class probabilities of the best
-  model; ``result.json``: the metrics (also the marker that the run is done).
+  model; recognition also ``predictions-test-studies.csv``: every slice the worker
+  would analyse of the test studies (no slice policy), for the study-level
+  evaluation; ``result.json``: the metrics (also the marker that the run is done).
 
 On a GPU it uses bfloat16 autocast and channels-last (both configurable); on
 CPU plain float32. Checkpoints hold tensors and plain types only and are read
@@ -390,6 +392,11 @@ def run_training(
                       tcfg.amp, tcfg.channels_last)
         _write_predictions(out_dir / f"predictions-{name}.csv", subset, ev, data.classes)
         results[name] = _metrics_dict(ev, data.classes)
+    if data.test_studies is not None:
+        ev = evaluate(model, criterion, data.test_studies, params, device, tcfg.eval_batch_size,
+                      tcfg.amp, tcfg.channels_last)
+        _write_predictions(out_dir / "predictions-test-studies.csv", data.test_studies, ev,
+                           data.classes)
     results["data"] = data.summary()
     (out_dir / "result.json").write_text(json.dumps(results, indent=1, default=_json_default))
     return RunResult(spec, out_dir, int(best["epoch"]), float(best["accuracy"]),
@@ -468,7 +475,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def main(args: argparse.Namespace) -> RunResult:
     """Build the cache if needed, load the fold, train, evaluate."""
-    from model_train.data import ensure_cached, load_task_data, task_folds, task_manifest
+    from model_train.data import (
+        ensure_cached,
+        load_task_data,
+        study_manifest,
+        task_folds,
+        task_manifest,
+    )
 
     config = config_from_args(args)
     spec = RunSpec(task=args.task, network=NetworkSpec.parse(args.network), fold=args.fold)
@@ -477,8 +490,9 @@ def main(args: argparse.Namespace) -> RunResult:
     folds = task_folds(config, spec.task, manifest)
     if not 0 <= spec.fold < len(folds):
         raise ConfigError(f"fold {spec.fold} outside 0..{len(folds) - 1}")
-    ensure_cached(config, manifest, params, progress=sys.stderr.isatty())
-    data = load_task_data(config, spec.task, folds[spec.fold], manifest, params)
+    studies = study_manifest(config) if spec.task == "recognition" else None
+    ensure_cached(config, studies or manifest, params, progress=sys.stderr.isatty())
+    data = load_task_data(config, spec.task, folds[spec.fold], manifest, params, studies)
     return run_training(config, spec, data, run_dir(args.output_dir, spec), resume=args.resume)
 
 
