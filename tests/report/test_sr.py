@@ -239,3 +239,10 @@ def test_missing_source_image_is_a_report_error(
     analysed.image_paths[9].unlink()  # the first key slice
     with pytest.raises(SourceImageMissing, match=analysed.sop_instance_uids[9]):
         build(report_engine, data_dir, analysed.analysis_id)
+
+
+def test_every_code_is_documented() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "sr-content.md").read_text()
+    for name, code in codes.all_codes().items():
+        row = f"| `{name}` | {code.value} | {code.scheme_designator} | {code.meaning} |"
+        assert row in doc, row
