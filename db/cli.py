@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -106,13 +107,13 @@ def main() -> None:
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except (typer.TyperException, click.ClickException) as exc:  # usage errors, bad values
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err.print(f"error: {escape(exc.format_message())}", highlight=False)
+        sys.exit(exc.exit_code)
     # without standalone mode click returns, rather than raises, `typer.Exit(code)`
     if isinstance(rc, int) and not isinstance(rc, bool):
         sys.exit(rc)

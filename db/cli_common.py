@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import click
 import typer
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
@@ -32,17 +31,24 @@ EXIT_NOT_FOUND = 4  # unknown study UID / accession number / export id
 EXIT_REFUSED = 5  # the operator action makes no sense in the current state
 
 
-class UserError(click.ClickException):
+try:  # Typer >= 0.2x runs on its own copy of click: its commands raise and catch these
+    from typer._click.exceptions import ClickException as _ClickException
+except ImportError:  # pragma: no cover - Typer on the click package
+    from click import ClickException as _ClickException  # type: ignore[assignment]
+
+
+class UserError(_ClickException):
     """A problem the user can fix; printed as one line, exit code ``code``.
 
-    A ``ClickException`` so that Typer's standalone mode (and its test runner)
-    prints the message and exits with ``code`` instead of showing a traceback.
+    A ``ClickException`` of the click that Typer runs on, so that Typer's
+    standalone mode (and its test runner) prints the message and exits with
+    ``code`` instead of showing a traceback; ``db.cli.main`` prints it itself.
     """
 
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.code = code
-        self.exit_code = code  # type: ignore[misc]  # click declares it a class variable
+        self.exit_code = code
 
 
 DatabaseUrlOption = typer.Option(

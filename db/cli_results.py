@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from datetime import datetime
 from enum import StrEnum
 
-import click
 import typer
 from rich.text import Text
 
@@ -377,7 +376,7 @@ def exports_retry(
 ) -> None:
     """`ctdx exports retry`: see :func:`db.operations.retry_export`."""
     if (export_id is None) == (not dead):
-        raise click.UsageError("give an export ID or --dead (not both)")
+        raise UserError("give an export ID or --dead (not both)", EXIT_USAGE)
     actor = operations.default_actor()
     with _domain_errors(), open_database(database_url) as engine, session_scope(
         engine

@@ -723,7 +723,7 @@ def list_exports(
     if limit is not None:
         stmt = stmt.limit(limit)
     rows = []
-    for export, uid, accession, version in session.execute(stmt).tuples():
+    for export, uid, accession, version in session.execute(stmt).all():
         rows.append(
             ExportRow(
                 **_export_fields(export),

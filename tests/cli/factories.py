@@ -312,8 +312,8 @@ def build_scenario(session: Session, now: datetime | None = None) -> Scenario:
     # -- covid: analysed today, SR delivered 12 s after completion
     study = add_study(session, "covid", accession_number="ACC-COVID", patient_id="PID-0001",
                       patient_name="DOE^JANE", created_at=at_today(0.2))
-    version = add_version(session, study, state=VersionState.ANALYSED, calling_ae_title="CT_SCANNER_01",
-                          received_at=at_today(0.2))
+    version = add_version(session, study, state=VersionState.ANALYSED,
+                          calling_ae_title="CT_SCANNER_01", received_at=at_today(0.2))
     series = add_series(session, study, version, "covid", instances=4)
     p = [0.99, 0.97, 0.91, 0.85, 0.62, 0.30, 0.10, 0.05, 0.02, 0.01]
     analysis = add_analysis(
