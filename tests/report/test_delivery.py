@@ -16,6 +16,7 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage  # type: ignore[attr-d
 from sqlalchemy import Engine, insert, select
 
 from db.models import Export, ExportState, utcnow
+from db.operations import retry_export
 from db.session import make_engine, session_scope
 from tests.conftest import free_port, wait_for
 from tests.report.conftest import (
@@ -32,7 +33,6 @@ from worker.report.outbox import (
     StoredObject,
     list_exports,
     record_exports,
-    requeue,
 )
 
 
@@ -172,7 +172,8 @@ def test_failure_status_is_retried_then_dead_lettered(
     assert export.last_status == 0xA700 and "out of resources" in (export.last_error or "")
     # dead letters stay dead until an operator requeues them
     assert deliver_due(report_engine, settings, now=utcnow() + timedelta(days=1)) == 0
-    assert requeue(report_engine, [export.id], utcnow()) == 1
+    with session_scope(report_engine) as s:  # the operator's `ctdx exports retry --dead`
+        assert len(retry_export(s, dead=True, actor="test")) == 1
     assert deliver_due(report_engine, settings) == 1
     assert pacs.count() == 4 and exports(report_engine)[0].attempts == 1
 

@@ -7,8 +7,8 @@ Public API:
 - :class:`DeliveryLoop` (``ctdx worker``'s main process, or a thread in
   embedded mode) and :func:`deliver_due`: deliver what is due, retrying with
   backoff, dead-lettering after ``CTDX_EXPORT_MAX_ATTEMPTS``.
-- :func:`worker.report.outbox.list_exports` / :func:`~worker.report.outbox.requeue`
-  for the CLI.
+- :func:`worker.report.outbox.list_exports` for tests and tools; operators retry dead
+  exports with ``ctdx exports retry`` (``db.operations.retry_export``).
 
 docs/sr-content.md describes the SR's content and codes.
 """

@@ -327,7 +327,7 @@ def record_failure(
     return state
 
 
-# --- reading and operator actions ---------------------------------------------------------
+# --- reading (operators retry with `ctdx exports retry`) ---------------------------------
 
 
 def list_exports(
@@ -339,17 +339,3 @@ def list_exports(
     if analysis_id is not None:
         query = query.where(Export.analysis_id == analysis_id)
     return [ExportView.of(row) for row in session.scalars(query)]
-
-
-def requeue(engine: Engine, export_ids: Sequence[int], now: datetime) -> int:
-    """Give dead exports a fresh set of attempts (``ctdx exports retry``); how many were dead."""
-    with session_scope(engine) as session:
-        result = session.execute(
-            update(Export)
-            .where(Export.id.in_(list(export_ids)), Export.state == ExportState.DEAD)
-            .values(state=ExportState.PENDING, attempts=0, next_attempt_at=now, claimed_by=None)
-            .execution_options(synchronize_session=False)
-        )
-        count: int = result.rowcount  # type: ignore[attr-defined]
-    logger.info("requeued %d dead exports", count)
-    return count

@@ -42,8 +42,12 @@ def lung_window(hu: NDArray[np.float32]) -> NDArray[np.uint8]:
     return windowed
 
 
-def lung_contour(hu: NDArray[np.float32]) -> NDArray[np.bool_] | None:
-    """Boundary pixels of the method's lung mask; ``None`` until the segmentation module exists."""
+def lung_contour(hu: NDArray[np.float32], spacing_mm: float | None) -> NDArray[np.bool_] | None:
+    """Boundary pixels of the method's lung mask, or ``None`` without the segmentation module.
+
+    The import is deferred and may fail: the summary is optional output and
+    is drawn without a contour rather than not at all.
+    """
     try:
         from model_train.method.segmentation import segment_lungs  # the paper's segmentation
     except ImportError:
@@ -51,7 +55,7 @@ def lung_contour(hu: NDArray[np.float32]) -> NDArray[np.bool_] | None:
         return None
     from skimage.segmentation import find_boundaries
 
-    mask = np.asarray(segment_lungs(hu), dtype=bool)
+    mask = np.asarray(segment_lungs(hu, spacing_mm=spacing_mm), dtype=bool)
     boundary: NDArray[np.bool_] = find_boundaries(mask, mode="inner")  # type: ignore[no-untyped-call]
     return boundary
 
@@ -80,11 +84,13 @@ def result_lines(inp: ReportInput, shown: SliceInfo) -> list[str]:
     return lines
 
 
-def render(hu: NDArray[np.float32], lines: list[str]) -> NDArray[np.uint8]:
+def render(
+    hu: NDArray[np.float32], lines: list[str], spacing_mm: float | None = None
+) -> NDArray[np.uint8]:
     """RGB pixels: text band on top, the windowed slice (contour in green) below."""
     grey = lung_window(hu)
     rgb = np.stack([grey, grey, grey], axis=-1)
-    contour = lung_contour(hu)
+    contour = lung_contour(hu, spacing_mm)
     if contour is not None:
         rgb[contour] = (0, 220, 0)
     height = round(WIDTH * rgb.shape[0] / rgb.shape[1])
@@ -103,7 +109,9 @@ def render(hu: NDArray[np.float32], lines: list[str]) -> NDArray[np.uint8]:
 def build_summary(inp: ReportInput, image: Dataset, shown: SliceInfo) -> hd.sc.SCImage:
     """The summary of an analysis around ``image`` (the key slice, with pixel data)."""
     uids = object_uids(inp.study_instance_uid, inp.study_version, inp.model_uid, "sc")
-    pixels = render(hounsfield(image), result_lines(inp, shown))
+    spacing = image.get("PixelSpacing")
+    spacing_mm = float(spacing[0]) if spacing else None
+    pixels = render(hounsfield(image), result_lines(inp, shown), spacing_mm)
     moment = local_datetime(inp.finished_at)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=image,
