@@ -10,14 +10,19 @@ Broker URLs:
 - ``embedded`` (or ``filesystem://``): kombu's filesystem transport under
   ``<data_dir>/queue``; needs no server, works across processes on one machine.
 - ``memory://``: in-process only (tests).
+
+Signals (handlers import lazily; see ``worker.runtime``): logging is ours
+(``db.logs``, no PHI), the main process refuses a database that is not at the
+migrations' head, and each pool process loads the models once.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from db.settings import Settings, load_settings
 
@@ -81,3 +86,31 @@ def make_celery(settings: Settings) -> Celery:
 
 
 app = make_celery(load_settings())
+
+
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Our handlers and format for ``celery -A worker.celery_app worker`` too."""
+    from db.logs import configure_logging
+
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or "INFO")
+    configure_logging(str(level).upper())
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Main process, before the pool starts: check the database, remember the concurrency."""
+    from worker import runtime
+
+    settings: Settings = app.conf.ctdx_settings
+    runtime.on_worker_init(settings, concurrency=getattr(sender, "concurrency", None))
+
+
+def _on_worker_process_init(**_: Any) -> None:
+    """Each pool process (prefork child, or the solo worker): load the models once."""
+    from worker import runtime
+
+    runtime.on_process_init(app.conf.ctdx_settings)
+
+
+signals.setup_logging.connect(_setup_logging, weak=False)
+signals.worker_init.connect(_on_worker_init, weak=False)
+signals.worker_process_init.connect(_on_worker_process_init, weak=False)

@@ -1,9 +1,115 @@
-"""`ctdx` sub-commands of the worker package."""
+"""``ctdx worker``: a standard Celery worker for the ``ctdx`` queue, plus export delivery.
+
+Equivalent to ``celery -A worker.celery_app worker -Q ctdx`` (which works too),
+with checks first so a misconfigured worker stops with one clear line instead
+of failing every study: the database must be at the migrations' head and the
+recognition checkpoint must load. The main process also runs the report
+export delivery loop (``worker.report.delivery.DeliveryLoop``) in a daemon
+thread, so PACS deliveries are retried while workers run.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import typer
+from sqlalchemy.exc import OperationalError
+
+from db.migrate import DatabaseNotReady, require_head
+from db.session import make_engine
+from db.settings import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+POOLS = ("prefork", "solo", "threads")
 
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root `ctdx` app."""
+    app.command("worker")(worker_command)
+
+
+def _user_error(message: str, code: int = 2) -> Exception:
+    from db.cli import UserError
+
+    return UserError(message, code)
+
+
+def check_ready(settings: Settings) -> None:
+    """The database is at head and the recognition model loads; else a clean user error."""
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        require_head(engine)
+    except DatabaseNotReady as exc:
+        raise _user_error(str(exc), code=3) from None
+    except OperationalError as exc:
+        raise _user_error(f"cannot reach the database: {exc.orig}") from None
+    finally:
+        engine.dispose()
+    if settings.model is None:
+        raise _user_error(
+            "no recognition model: set CTDX_MODEL to a checkpoint (ctdx train export)"
+        )
+    from model_train.method.checkpoint import CheckpointError, load_checkpoint
+
+    for path, task in ((settings.model, "recognition"),
+                       (settings.manifestation_model, "manifestation")):
+        if path is None:
+            continue
+        try:  # on the meta device: checks everything, computes nothing, forks safely
+            load_checkpoint(path, task=task, device="meta")  # type: ignore[arg-type]
+        except CheckpointError as exc:
+            raise _user_error(str(exc)) from None
+
+
+def start_export_delivery(settings: Settings) -> threading.Event:
+    """Run the export delivery loop in a daemon thread of this (main) process."""
+    from worker.report.delivery import DeliveryLoop
+
+    stop = threading.Event()
+    loop = DeliveryLoop(make_engine(settings.resolved_database_url), settings)
+    threading.Thread(target=loop.run, args=(stop,), name="ctdx-export-delivery",
+                     daemon=True).start()
+    return stop
+
+
+def worker_command(
+    concurrency: int = typer.Option(
+        1, "--concurrency", "-c", min=1,
+        help="Analyses at a time on this machine (processes); one per GPU, or cores/2 on CPU.",
+    ),
+    pool: str = typer.Option(
+        "prefork", "--pool", "-P", help=f"Celery pool: {', '.join(POOLS)}.",
+    ),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="DEBUG, INFO, WARNING, ERROR."),
+    hostname: str | None = typer.Option(
+        None, "--hostname", "-n", help="Celery node name (default celery@<host>)."
+    ),
+    queues: str = typer.Option("ctdx", "--queues", "-Q", help="Comma-separated queues to consume."),
+    export_delivery: bool = typer.Option(
+        True, "--export-delivery/--no-export-delivery",
+        help="Also deliver pending report exports to PACS from this process.",
+    ),
+) -> None:
+    """Analyse studies from the queue (a Celery worker); Ctrl-C finishes the running study."""
+    from db.logs import configure_logging
+
+    if pool not in POOLS:
+        raise _user_error(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    configure_logging(loglevel.upper())
+    settings = load_settings()
+    check_ready(settings)
+    stop = start_export_delivery(settings) if export_delivery else None
+
+    from worker.celery_app import app as celery_app
+
+    argv = ["worker", "-Q", queues, "--concurrency", str(concurrency), "--pool", pool,
+            "--loglevel", loglevel.upper()]
+    if hostname:
+        argv += ["--hostname", hostname]
+    try:
+        celery_app.worker_main(argv=argv)
+    finally:
+        if stop is not None:
+            stop.set()

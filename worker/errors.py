@@ -7,6 +7,7 @@ Two families, translated only at the task edge (``worker.tasks``):
   ``failed`` with ``str(exc)`` as the reason, kept for an operator, and the
   task is not retried. Messages are read by people: they name the series or
   SOP Instance UID and never carry patient data.
+- :data:`TRANSIENT_ERRORS`: the database or broker hiccuped; retried.
 - :class:`WorkerNotReady`: this worker cannot analyse anything (no model
   configured, checkpoint unreadable). Not the study's fault, so the study is
   not failed; the task is retried later.
@@ -16,7 +17,21 @@ from __future__ import annotations
 
 import logging
 
+from kombu.exceptions import OperationalError as BrokerOperationalError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
 logger = logging.getLogger(__name__)
+
+#: Errors that say nothing about the study: the database or broker was briefly unreachable.
+#: The task retries them with backoff (``worker.tasks``).
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError,  # includes SQLite "database is locked" and PostgreSQL disconnects
+    InterfaceError,
+    DisconnectionError,
+    PoolTimeoutError,
+    BrokerOperationalError,
+)
 
 
 class AnalysisError(Exception):

@@ -51,7 +51,8 @@ class SliceInfo:
     position: float  # mm along the slice normal
     rows: int
     columns: int
-    pixel_area_mm2: float | None  # area of one pixel; None without PixelSpacing
+    pixel_spacing_mm: float | None  # mean of PixelSpacing's two values; None without it
+    pixel_area_mm2: float | None  # area of one pixel
 
 
 @dataclass(frozen=True)
@@ -111,18 +112,23 @@ def order_series(instances: Sequence[InstanceRef]) -> OrderedSeries:
                 f"SOP Instance {ref.sop_instance_uid} lacks ImagePositionPatient, Rows or Columns"
             ) from exc
         spacing = ds.get("PixelSpacing")
-        area = float(spacing[0]) * float(spacing[1]) if spacing and len(spacing) == 2 else None
+        pitch = area = None
+        if spacing and len(spacing) == 2:
+            pitch = (float(spacing[0]) + float(spacing[1])) / 2
+            area = float(spacing[0]) * float(spacing[1])
         number = ds.get("InstanceNumber")
         keyed.append(
             (
                 position,
                 int(number) if number is not None else 0,
-                SliceInfo(0, ref.sop_instance_uid, ref.path, position, rows, columns, area),
+                SliceInfo(0, ref.sop_instance_uid, ref.path, position, rows, columns, pitch,
+                          area),
             )
         )
     keyed.sort(key=lambda item: (item[0], item[1]))
     ordered = tuple(
-        SliceInfo(i, s.sop_instance_uid, s.path, s.position, s.rows, s.columns, s.pixel_area_mm2)
+        SliceInfo(i, s.sop_instance_uid, s.path, s.position, s.rows, s.columns,
+                  s.pixel_spacing_mm, s.pixel_area_mm2)
         for i, (_, _, s) in enumerate(keyed)
     )
     sizes = {(s.rows, s.columns) for s in ordered}

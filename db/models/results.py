@@ -32,7 +32,7 @@ class Analysis(Base):
     model_uid: Mapped[str] = mapped_column(String(64))
     manifestation_model_uid: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(128))  # hostname:pid
-    device: Mapped[str | None] = mapped_column(String(64))
+    device: Mapped[str | None] = mapped_column(String(128))  # e.g. "cuda:0 (NVIDIA H100), bf16 ..."
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     claimed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("model_uid", sa.String(length=64), nullable=False),
         sa.Column("manifestation_model_uid", sa.String(length=64), nullable=True),
         sa.Column("worker", sa.String(length=128), nullable=True),
-        sa.Column("device", sa.String(length=64), nullable=True),
+        sa.Column("device", sa.String(length=128), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("claimed_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
         sa.Column("heartbeat_at", db.models.base.UTCDateTime(timezone=True), nullable=False),

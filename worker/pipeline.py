@@ -1,0 +1,243 @@
+"""The paper's method over one ordered series, batch by batch: plain functions, no Celery.
+
+For each batch of ``settings.batch_size`` slices (decoded by
+:func:`worker.loading.iter_batches`):
+
+1. **segmentation** of the lungs (``model_train.method.segmentation_torch``,
+   batched, by default; the scikit-image reference with
+   ``CTDX_SEGMENTATION_BACKEND=skimage``);
+2. slices whose lung covers less than ``settings.min_lung_fraction`` of the
+   image are **skipped** (and counted): apex and base slices with a sliver of
+   lung, or slices below the diaphragm, carry no evidence and are where a
+   classifier trained on lung images is least reliable;
+3. **preprocessing** with the shared ``preprocess_batch`` and the parameters
+   stored in the recognition checkpoint;
+4. **classification** with the ResNet50 :class:`SliceClassifier`;
+5. **manifestations** with the ResNet18 one on slices called COVID-19, when a
+   manifestation model is configured (re-preprocessed only if its checkpoint's
+   parameters differ).
+
+Only per-slice numbers are kept between batches, so memory is bounded by one
+batch whatever the series length. Then ``decide_study`` applies the paper's
+proportion rule. Timings are summed per stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from db.settings import Settings
+from model_train.method.classes import MANIFESTATION_CLASSES, RECOGNITION_CLASSES
+from model_train.method.decision import StudyDecision, decide_study, summarise_manifestations
+from model_train.method.preprocess import preprocess_batch
+from worker.errors import AnalysisError
+from worker.loading import OrderedSeries, SliceBatch, iter_batches
+from worker.store import SliceRow, StudyResult
+
+if TYPE_CHECKING:
+    from worker.runtime import Models
+    from worker.series_selection import Selection
+
+logger = logging.getLogger(__name__)
+
+#: ``(N, H, W)`` float32 HU and the pixel spacing (mm) -> ``(N, H, W)`` bool lung masks.
+Segmenter = Callable[[torch.Tensor, float | None], torch.Tensor]
+
+
+class NoLungFound(AnalysisError):
+    """Every slice was skipped: no slice shows enough lung to be classified."""
+
+
+@dataclass
+class Timings:
+    """Seconds per stage, summed over batches."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}
+
+
+@dataclass(frozen=True)
+class SeriesAnalysis:
+    """Everything the analysis of one series produced."""
+
+    slices: tuple[SliceRow, ...]
+    decision: StudyDecision
+    manifestation_counts: dict[str, int] | None
+    timings: dict[str, float]
+    device: str
+
+    @property
+    def decision_label(self) -> str:
+        return self.decision.decision
+
+    def slice_rows(self) -> list[SliceRow]:
+        return list(self.slices)
+
+    def study_result(self, selection: Selection) -> StudyResult:
+        analysed = sum(1 for s in self.slices if not s.skipped)
+        return StudyResult(
+            series_instance_uid=selection.series.series_instance_uid,
+            series_selection=selection.reason,
+            slices_total=len(self.slices),
+            slices_analysed=analysed,
+            slices_skipped=len(self.slices) - analysed,
+            fraction_covid19=self.decision.fractions["covid19"],
+            fraction_other_pneumonia=self.decision.fractions["other_pneumonia"],
+            fraction_normal=self.decision.fractions["normal"],
+            decision=self.decision.decision,
+            threshold=self.decision.threshold,
+            manifestation_counts=self.manifestation_counts,
+            device=self.device[:128],
+        )
+
+
+def segmenter(backend: str, device: torch.device) -> Segmenter:
+    """The lung segmentation of ``backend``; masks come back on ``device``."""
+    if backend == "skimage":
+        from model_train.method.segmentation import segment_lungs
+
+        def reference(hu: torch.Tensor, spacing_mm: float | None) -> torch.Tensor:
+            masks = [segment_lungs(s, spacing_mm=spacing_mm) for s in hu.cpu().numpy()]
+            return torch.from_numpy(np.stack(masks)).to(device)
+
+        return reference
+    from model_train.method.segmentation_torch import segment_lungs_torch
+
+    def batched(hu: torch.Tensor, spacing_mm: float | None) -> torch.Tensor:
+        with torch.inference_mode():
+            masks: torch.Tensor = segment_lungs_torch(hu.to(device), spacing_mm=spacing_mm)
+        return masks
+
+    return batched
+
+
+def _slice_rows(batch: SliceBatch, fractions: NDArray[np.float64],
+                areas: NDArray[np.int64], min_fraction: float) -> list[SliceRow]:
+    rows = []
+    for info, fraction, pixels in zip(batch.slices, fractions, areas, strict=True):
+        area = float(pixels) * info.pixel_area_mm2 if info.pixel_area_mm2 is not None else None
+        rows.append(SliceRow(
+            sop_instance_uid=info.sop_instance_uid,
+            slice_index=info.index,
+            position_z=info.position,
+            lung_area_mm2=area,
+            lung_fraction=float(fraction),
+            skipped=bool(fraction < min_fraction),
+        ))
+    return rows
+
+
+def analyse_series(series: OrderedSeries, models: Models, settings: Settings,
+                   decode_threads: int = 1) -> SeriesAnalysis:
+    """Run the method over ``series``; raises :class:`NoLungFound` when every slice is skipped."""
+    timings = Timings()
+    recognition = models.recognition
+    device = recognition.device
+    segment = models.segment
+    manifestation = models.manifestation
+    same_preprocess = manifestation is not None and (
+        manifestation.meta.preprocess == recognition.meta.preprocess
+    )
+    rows: list[SliceRow] = []
+    probs_by_index: dict[int, NDArray[np.float32]] = {}
+    manifest_by_index: dict[int, NDArray[np.float32]] = {}
+
+    batches = iter_batches(series, settings.batch_size, decode_threads=decode_threads)
+    while True:
+        with timings.stage("decode"):
+            batch = next(batches, None)
+        if batch is None:
+            break
+        hu = torch.from_numpy(batch.hu)
+        with timings.stage("segmentation"):
+            lung = segment(hu, batch.slices[0].pixel_spacing_mm)
+            pixels = lung.sum(dim=(1, 2)).cpu().numpy().astype(np.int64)
+        fractions = pixels / float(lung.shape[1] * lung.shape[2])
+        batch_rows = _slice_rows(batch, fractions, pixels, settings.min_lung_fraction)
+        rows.extend(batch_rows)
+        keep = torch.from_numpy(np.array([not r.skipped for r in batch_rows], dtype=bool))
+        if not bool(keep.any()):
+            continue
+        kept_hu, kept_lung = hu[keep].to(device), lung[keep.to(lung.device)]
+        with timings.stage("preprocessing"):
+            x = preprocess_batch(kept_hu, kept_lung, recognition.meta.preprocess)
+        with timings.stage("classification"):
+            probs = recognition.predict(x)
+        kept_rows = [r for r in batch_rows if not r.skipped]
+        for row, p in zip(kept_rows, probs, strict=True):
+            probs_by_index[row.slice_index] = p
+        if manifestation is None:
+            continue
+        covid = np.argmax(probs, axis=1) == RECOGNITION_CLASSES.index("covid19")
+        if not covid.any():
+            continue
+        with timings.stage("manifestation"):
+            sel = torch.from_numpy(covid).to(x.device)
+            mx = x[sel] if same_preprocess else preprocess_batch(
+                kept_hu[sel], kept_lung[sel], manifestation.meta.preprocess
+            )
+            mprobs = manifestation.predict(mx)
+        covid_rows = [r for r, c in zip(kept_rows, covid, strict=True) if c]
+        for row, p in zip(covid_rows, mprobs, strict=True):
+            manifest_by_index[row.slice_index] = p
+
+    if not probs_by_index:
+        raise NoLungFound(
+            f"no slice shows enough lung: all {len(rows)} slices have a lung fraction below "
+            f"{settings.min_lung_fraction:g} (CTDX_MIN_LUNG_FRACTION)"
+        )
+    ordered = sorted(probs_by_index)
+    decision = decide_study(np.stack([probs_by_index[i] for i in ordered]),
+                            settings.covid_threshold)
+    manifestation_counts = None
+    if manifestation is not None:
+        mstack = (np.stack([manifest_by_index[i] for i in sorted(manifest_by_index)])
+                  if manifest_by_index else np.zeros((0, len(MANIFESTATION_CLASSES))))
+        manifestation_counts = summarise_manifestations(mstack)
+    final = [_with_probabilities(r, probs_by_index.get(r.slice_index),
+                                 manifest_by_index.get(r.slice_index)) for r in rows]
+    logger.info("series analysed: %d slices, %d skipped, call %s", len(rows),
+                len(rows) - len(probs_by_index), decision.decision)
+    return SeriesAnalysis(tuple(final), decision, manifestation_counts, timings.as_dict(),
+                          models.device)
+
+
+def _with_probabilities(row: SliceRow, probs: NDArray[np.float32] | None,
+                        mprobs: NDArray[np.float32] | None) -> SliceRow:
+    if probs is None:
+        return row
+    values = dict(row.__dict__)
+    values.update(
+        p_covid19=float(probs[0]),
+        p_other_pneumonia=float(probs[1]),
+        p_normal=float(probs[2]),
+        predicted_class=RECOGNITION_CLASSES[int(np.argmax(probs))],
+    )
+    if mprobs is not None:
+        values.update(
+            p_ground_glass_opacity=float(mprobs[0]),
+            p_consolidation=float(mprobs[1]),
+            p_fibrotic_streaks=float(mprobs[2]),
+            manifestation=MANIFESTATION_CLASSES[int(np.argmax(mprobs))],
+        )
+    return SliceRow(**values)
