@@ -170,38 +170,57 @@ def record_exports(
     destination: Destination,
     now: datetime,
 ) -> list[int]:
-    """One pending row per object for ``destination`` (existing rows are kept); their ids."""
-    ids: list[int] = []
-    for obj in objects:
-        try:
-            with session_scope(engine) as session:
-                row = Export(
-                    analysis_id=analysis_id,
-                    kind=obj.kind,
-                    destination=str(destination),
-                    sop_instance_uid=obj.sop_instance_uid,
-                    replaces_sop_instance_uid=obj.replaces_sop_instance_uid,
-                    path=obj.path,
-                    state=ExportState.PENDING,
-                    attempts=0,
-                    created_at=now,
-                    next_attempt_at=now,
-                )
-                session.add(row)
-                session.flush()
-                ids.append(row.id)
-        except IntegrityError:  # the same object for the same destination: recorded before
-            with session_scope(engine) as session:
-                ids.append(
-                    session.scalars(
-                        select(Export.id).where(
-                            Export.sop_instance_uid == obj.sop_instance_uid,
-                            Export.destination == str(destination),
-                        )
-                    ).one()
-                )
+    """One pending row per object for ``destination``, all in one transaction; their ids.
+
+    All or nothing, so a crash never leaves an analysis with only some of its
+    objects recorded (``publish_reports`` skips analyses that have exports).
+    Objects recorded before (a concurrent publish) keep their row.
+    """
+    try:
+        ids = _record_once(engine, analysis_id, objects, destination, now)
+    except IntegrityError:  # a concurrent publish inserted them between our select and insert
+        ids = _record_once(engine, analysis_id, objects, destination, now)
     logger.info("export outbox: analysis %d has exports %s for %s", analysis_id, ids, destination)
     return ids
+
+
+def _record_once(
+    engine: Engine,
+    analysis_id: int,
+    objects: Sequence[StoredObject],
+    destination: Destination,
+    now: datetime,
+) -> list[int]:
+    with session_scope(engine) as session:
+        known = {
+            row.sop_instance_uid: row.id
+            for row in session.execute(
+                select(Export.sop_instance_uid, Export.id).where(
+                    Export.sop_instance_uid.in_([o.sop_instance_uid for o in objects]),
+                    Export.destination == str(destination),
+                )
+            )
+        }
+        rows = [
+            Export(
+                analysis_id=analysis_id,
+                kind=obj.kind,
+                destination=str(destination),
+                sop_instance_uid=obj.sop_instance_uid,
+                replaces_sop_instance_uid=obj.replaces_sop_instance_uid,
+                path=obj.path,
+                state=ExportState.PENDING,
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+            )
+            for obj in objects
+            if obj.sop_instance_uid not in known
+        ]
+        session.add_all(rows)
+        session.flush()
+        known.update({row.sop_instance_uid: row.id for row in rows})
+    return [known[obj.sop_instance_uid] for obj in objects]
 
 
 def claim_due(
