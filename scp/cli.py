@@ -1,9 +1,118 @@
-"""`ctdx` sub-commands of the scp package."""
+"""`ctdx scp`: run the DICOM listener.
+
+Flags override the ``CTDX_*`` settings of the same name. The command refuses
+to start on a database that is missing or not at the code's migration, and
+turns configuration problems into a one-line message (exit 2) rather than a
+traceback.
+"""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import typer
+from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
+
+from db.cli_common import (
+    EXIT_DATABASE,
+    EXIT_USAGE,
+    UserError,
+    database_unreachable,
+    require_existing_sqlite,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def scp(
+    port: int | None = typer.Option(None, "--port", help="TCP port (CTDX_PORT, default 11112)."),
+    host: str | None = typer.Option(None, "--host", help="Bind address (CTDX_HOST)."),
+    ae_title: str | None = typer.Option(None, "--ae-title", help="Our AE title (CTDX_AE_TITLE)."),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Spool and default database folder (CTDX_DATA_DIR)."
+    ),
+    database_url: str | None = typer.Option(
+        None, "--database-url", help="SQLAlchemy URL (CTDX_DATABASE_URL).", show_default=False
+    ),
+    broker_url: str | None = typer.Option(
+        None, "--broker-url", help="Celery broker (CTDX_BROKER_URL).", show_default=False
+    ),
+    quiet_seconds: float | None = typer.Option(
+        None, "--quiet-seconds", help="Quiet period that completes a study (CTDX_QUIET_SECONDS)."
+    ),
+    allowed_calling_aes: str | None = typer.Option(
+        None,
+        "--allowed-calling-aes",
+        help="Comma-separated calling AE titles allowed; `*` = any (CTDX_ALLOWED_CALLING_AES).",
+    ),
+    processes: int | None = typer.Option(
+        None, "--processes", help="Listener processes sharing the port (CTDX_LISTENER_PROCESSES)."
+    ),
+    max_associations: int | None = typer.Option(
+        None, "--max-associations", help="Per process (CTDX_MAX_ASSOCIATIONS)."
+    ),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate (CTDX_TLS_CERT)."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM key (CTDX_TLS_KEY)."),
+    tls_ca: Path | None = typer.Option(
+        None, "--tls-ca", help="CA bundle; requires client certificates (CTDX_TLS_CA)."
+    ),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    """Receive CT studies (C-STORE, MPPS), store them durably, queue complete ones."""
+    from db.logs import configure_logging
+    from db.migrate import DatabaseNotReady, require_head
+    from db.session import make_engine
+    from db.settings import load_settings
+    from scp.server import serve, tls_context
+
+    try:
+        settings = load_settings(
+            port=port,
+            host=host,
+            ae_title=ae_title,
+            data_dir=data_dir,
+            database_url=database_url,
+            broker_url=broker_url,
+            quiet_seconds=quiet_seconds,
+            allowed_calling_aes=allowed_calling_aes,
+            listener_processes=processes,
+            max_associations=max_associations,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+        )
+        tls_context(settings)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise UserError(f"invalid setting: {problems}", EXIT_USAGE) from None
+    except (ValueError, OSError) as exc:
+        raise UserError(f"TLS configuration: {exc}", EXIT_USAGE) from None
+
+    configure_logging(level=log_level.upper())
+    url = settings.resolved_database_url
+    require_existing_sqlite(url)
+    engine = make_engine(url)
+    try:
+        require_head(engine)
+    except DatabaseNotReady as exc:
+        raise UserError(str(exc), EXIT_DATABASE) from None
+    except OperationalError as exc:
+        raise database_unreachable(exc) from None
+    finally:
+        engine.dispose()
+    try:
+        serve(settings)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+                        EXIT_USAGE) from None
+    except OperationalError as exc:
+        raise database_unreachable(exc) from None
 
 
 def register(app: typer.Typer) -> None:
-    """Add this package's commands to the root `ctdx` app."""
+    """Add ``ctdx scp`` to the root app."""
+    app.command("scp")(scp)

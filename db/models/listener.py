@@ -119,6 +119,9 @@ class PerformedProcedureStep(Base):
     referenced_sop_instance_uids: Mapped[str] = mapped_column(Text, default="")  # newline-separated
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # set once a COMPLETED step has completed its study versions (or had nothing to complete),
+    # so the completion loop stops looking at it
+    applied_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class OutboxEntry(Base):

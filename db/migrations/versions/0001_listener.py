@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("referenced_sop_instance_uids", sa.Text(), nullable=False),
         sa.Column("created_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("applied_at", db.models.base.UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_performed_procedure_steps")),
         sa.UniqueConstraint(
             "sop_instance_uid", name=op.f("uq_performed_procedure_steps_sop_instance_uid")

@@ -1,0 +1,356 @@
+"""What the listener needs to know about a received instance, read from its header.
+
+Reading stops before the pixel data (no decode on the hot path) and uses the
+fast walker of :mod:`scp.header_scan` (pydicom only for deflated data sets,
+whose bytes are compressed). The pixel data element is then checked
+structurally against Rows, Columns, Samples per Pixel, Bits Allocated and
+Number of Frames: native encodings must have exactly the expected length,
+encapsulated ones a well-formed item sequence with at least one fragment per
+frame (a corrupt codestream is the worker's to find: decoding here would cost
+the hot path a decompression). Every refusal is a :class:`~scp.status.Rejected`
+naming the reason without patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pydicom import dcmread
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from scp.header_scan import HeaderError, RawHeader, scan_header
+from scp.status import Rejected, Status
+from scp.uids import InvalidUid, validate_uid
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InstanceHeader", "SeriesFacts", "StudyFacts", "read_instance_header"]
+
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_SOP_CLASS_UID = 0x00080016
+_SOP_INSTANCE_UID = 0x00080018
+_STUDY_DATE = 0x00080020
+_ACCESSION_NUMBER = 0x00080050
+_MODALITY = 0x00080060
+_STUDY_DESCRIPTION = 0x00081030
+_SERIES_DESCRIPTION = 0x0008103E
+_PATIENT_NAME = 0x00100010
+_PATIENT_ID = 0x00100020
+_STUDY_INSTANCE_UID = 0x0020000D
+_SERIES_INSTANCE_UID = 0x0020000E
+_SERIES_NUMBER = 0x00200011
+_SAMPLES_PER_PIXEL = 0x00280002
+_NUMBER_OF_FRAMES = 0x00280008
+_ROWS = 0x00280010
+_COLUMNS = 0x00280011
+_BITS_ALLOCATED = 0x00280100
+_WANTED = frozenset(
+    {
+        _SPECIFIC_CHARACTER_SET, _SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_DATE,
+        _ACCESSION_NUMBER, _MODALITY, _STUDY_DESCRIPTION, _SERIES_DESCRIPTION, _PATIENT_NAME,
+        _PATIENT_ID, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _SERIES_NUMBER,
+        _SAMPLES_PER_PIXEL, _NUMBER_OF_FRAMES, _ROWS, _COLUMNS, _BITS_ALLOCATED,
+    }
+)
+_KEYWORDS = {
+    _STUDY_INSTANCE_UID: "StudyInstanceUID",
+    _SERIES_INSTANCE_UID: "SeriesInstanceUID",
+    _SOP_INSTANCE_UID: "SOPInstanceUID",
+}
+_ITEM = (0xFFFE, 0xE000)
+_SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PN_DELIMITERS = {0x5E, 0x3D}  # ^ =
+
+
+@dataclass(frozen=True)
+class StudyFacts:
+    """Study-level attributes stored with the study (patient fields are PHI: never logged)."""
+
+    patient_id: str | None
+    patient_name: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The validated identity of one received instance; every UID is safe in a path."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    study: StudyFacts
+    series: SeriesFacts
+
+
+@dataclass(frozen=True)
+class _Image:
+    rows: int
+    columns: int
+    samples: int
+    bits_allocated: int
+    frames: int
+
+    @property
+    def native_length(self) -> int:
+        if self.bits_allocated == 1:
+            return (self.rows * self.columns * self.samples * self.frames + 7) // 8
+        return self.rows * self.columns * self.samples * self.frames * ((self.bits_allocated + 7) // 8)
+
+
+class _Values:
+    """Typed access to the raw header values (tolerant: odd padding, stray spaces)."""
+
+    def __init__(self, raw: dict[int, bytes], implicit: bool) -> None:
+        self.raw = raw
+        self.implicit = implicit
+        charset = self.text(_SPECIFIC_CHARACTER_SET)
+        terms = [t.strip() for t in charset.split("\\")] if charset else None
+        self.encodings = convert_encodings(terms)
+
+    def text(self, tag: int, max_length: int | None = None) -> str | None:
+        value = self.raw.get(tag)
+        if not value:
+            return None
+        if tag in (_PATIENT_NAME, _STUDY_DESCRIPTION, _SERIES_DESCRIPTION, _PATIENT_ID,
+                   _ACCESSION_NUMBER):
+            text = decode_bytes(value, self.encodings, _PN_DELIMITERS if tag == _PATIENT_NAME else set())
+        else:
+            text = value.decode("ascii", errors="replace")
+        text = text.strip("\x00 ")
+        if not text:
+            return None
+        return text[:max_length] if max_length else text
+
+    def uid(self, tag: int) -> str | None:
+        value = self.raw.get(tag)
+        return None if value is None else value.decode("latin-1")
+
+    def us(self, tag: int) -> int | None:
+        value = self.raw.get(tag)
+        if value is None or len(value) != 2:
+            return None
+        return int(struct.unpack("<H", value)[0])
+
+    def integer_string(self, tag: int) -> int | None:
+        text = self.text(tag)
+        try:
+            return None if text is None else int(text)
+        except ValueError:
+            return None
+
+
+def read_instance_header(
+    path: Path,
+    transfer_syntax_uid: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+) -> InstanceHeader:
+    """Read and check the instance at ``path`` (a received file with File Meta).
+
+    ``sop_class_uid`` and ``sop_instance_uid`` are the C-STORE command's Affected
+    SOP Class / Instance UID; the data set must agree with both.
+
+    Raises
+    ------
+    Rejected
+        With the status to answer: cannot parse, missing or invalid UID,
+        mismatch with the command, not CT, pixel data inconsistent.
+    """
+    syntax = UID(transfer_syntax_uid)
+    with path.open("rb") as fp:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            values, pixel_check = _read_deflated(fp)
+        else:
+            values, pixel_check = _read_native(fp, syntax)
+        uids = _identity(values, sop_class_uid, sop_instance_uid)
+        modality = values.text(_MODALITY)
+        if modality != "CT":
+            raise Rejected(
+                Status.NOT_CT,
+                f"Modality is {modality or 'absent'}, not CT, under a CT storage SOP class",
+            )
+        pixel_check(_image(values))
+    return InstanceHeader(
+        study_instance_uid=uids[0],
+        series_instance_uid=uids[1],
+        sop_instance_uid=uids[2],
+        sop_class_uid=sop_class_uid,
+        transfer_syntax_uid=str(syntax),
+        study=StudyFacts(
+            patient_id=values.text(_PATIENT_ID, 64),
+            patient_name=values.text(_PATIENT_NAME, 324),
+            accession_number=values.text(_ACCESSION_NUMBER, 16),
+            study_date=values.text(_STUDY_DATE, 8),
+            study_description=values.text(_STUDY_DESCRIPTION, 64),
+        ),
+        series=SeriesFacts(
+            modality=modality,
+            series_number=values.integer_string(_SERIES_NUMBER),
+            series_description=values.text(_SERIES_DESCRIPTION, 64),
+        ),
+    )
+
+
+_PixelCheck = Callable[[_Image], None]
+
+
+def _read_native(fp: IO[bytes], syntax: UID) -> tuple[_Values, _PixelCheck]:
+    try:
+        header = scan_header(fp, syntax.is_implicit_VR, _WANTED)
+        values = _Values(header.values, syntax.is_implicit_VR)
+    except (HeaderError, struct.error, LookupError, ValueError) as exc:
+        raise Rejected(Status.CANNOT_PARSE, f"data set cannot be parsed ({exc})") from exc
+
+    def check(image: _Image) -> None:
+        _check_pixel_data(fp, header, syntax, image)
+
+    return values, check
+
+
+def _read_deflated(fp: IO[bytes]) -> tuple[_Values, _PixelCheck]:
+    """Deflated data sets: pydicom inflates and reads the whole data set (rare, not hot)."""
+    try:
+        ds = dcmread(fp)
+        raw: dict[int, bytes] = {}
+        for tag in _WANTED:
+            if tag in ds:
+                raw[tag] = _encode_back(ds[tag].value, tag)
+        pixel_length = len(ds.PixelData) if "PixelData" in ds else None
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
+            struct.error) as exc:
+        raise Rejected(Status.CANNOT_PARSE, f"data set cannot be parsed ({type(exc).__name__})") from exc
+
+    def check(image: _Image) -> None:
+        if pixel_length is None:
+            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "no Pixel Data")
+        if pixel_length not in (image.native_length, image.native_length + 1):
+            raise Rejected(
+                Status.PIXEL_DATA_INCONSISTENT,
+                f"Pixel Data has {pixel_length} bytes, header implies {image.native_length}",
+            )
+
+    return _Values(raw, implicit=False), check
+
+
+def _encode_back(value: Any, tag: int) -> bytes:
+    """pydicom's decoded value, back to the raw form :class:`_Values` reads."""
+    if tag in (_ROWS, _COLUMNS, _BITS_ALLOCATED, _SAMPLES_PER_PIXEL):
+        return struct.pack("<H", int(value))
+    if isinstance(value, list | tuple):
+        value = "\\".join(str(v) for v in value)
+    return str(value).encode("utf-8")
+
+
+def _identity(values: _Values, sop_class_uid: str, sop_instance_uid: str) -> tuple[str, str, str]:
+    found = []
+    for tag in (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _SOP_INSTANCE_UID):
+        keyword = _KEYWORDS[tag]
+        try:
+            found.append(validate_uid(values.uid(tag), keyword))
+        except InvalidUid as exc:
+            status = Status.MISSING_UID if exc.problem in ("is missing", "is empty") else Status.INVALID_UID
+            raise Rejected(status, str(exc)) from exc
+    if found[2] != sop_instance_uid:
+        raise Rejected(Status.SOP_INSTANCE_MISMATCH, "SOPInstanceUID differs from the C-STORE command's")
+    data_set_class = values.uid(_SOP_CLASS_UID)
+    if data_set_class is not None and data_set_class.rstrip("\x00 ") != sop_class_uid:
+        raise Rejected(Status.NOT_CT, "SOPClassUID differs from the C-STORE command's")
+    return found[0], found[1], found[2]
+
+
+def _image(values: _Values) -> _Image:
+    rows = values.us(_ROWS)
+    columns = values.us(_COLUMNS)
+    bits = values.us(_BITS_ALLOCATED)
+    if not rows or not columns or not bits:
+        raise Rejected(
+            Status.PIXEL_DATA_INCONSISTENT, "Rows, Columns or Bits Allocated absent or zero"
+        )
+    samples = values.us(_SAMPLES_PER_PIXEL) or 1
+    frames = values.integer_string(_NUMBER_OF_FRAMES) or 1
+    if frames < 1:
+        raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "Number of Frames invalid")
+    return _Image(rows, columns, samples, bits, frames)
+
+
+def _check_pixel_data(fp: IO[bytes], header: RawHeader, syntax: UID, image: _Image) -> None:
+    start = header.pixel_data_offset
+    if start is None:
+        raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "no Pixel Data (7FE0,0010)")
+    fp.seek(start)
+    head = fp.read(12)
+    if syntax.is_implicit_VR:
+        if len(head) < 8:
+            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "Pixel Data header truncated")
+        (length,) = struct.unpack("<L", head[4:8])
+        value_start = start + 8
+    elif head[4:6] in (b"OB", b"OW"):
+        if len(head) < 12:
+            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "Pixel Data header truncated")
+        (length,) = struct.unpack("<L", head[8:12])
+        value_start = start + 12
+    else:
+        raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "Pixel Data has an unexpected VR")
+    if syntax.is_encapsulated:
+        _check_encapsulated(fp, length, value_start, header.file_size, image)
+        return
+    expected = image.native_length
+    if length == _UNDEFINED_LENGTH or length not in (expected, expected + 1):
+        shown = "undefined" if length == _UNDEFINED_LENGTH else str(length)
+        raise Rejected(
+            Status.PIXEL_DATA_INCONSISTENT,
+            f"Pixel Data length {shown}, header implies {expected}",
+        )
+    if header.file_size - value_start < length:
+        raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "Pixel Data truncated")
+
+
+def _check_encapsulated(
+    fp: IO[bytes], length: int, value_start: int, end: int, image: _Image
+) -> None:
+    """Walk the items (Basic Offset Table, fragments) without reading them."""
+    if length != _UNDEFINED_LENGTH:
+        raise Rejected(
+            Status.PIXEL_DATA_INCONSISTENT, "compressed Pixel Data must have undefined length"
+        )
+    position = value_start
+    items = 0
+    while True:
+        fp.seek(position)
+        head = fp.read(8)
+        if len(head) < 8:
+            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "compressed Pixel Data truncated")
+        group, element, item_length = struct.unpack("<HHL", head)
+        if (group, element) == _SEQUENCE_DELIMITER:
+            break
+        if (group, element) != _ITEM or item_length == _UNDEFINED_LENGTH:
+            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "compressed Pixel Data malformed")
+        position += 8 + item_length
+        if position > end:
+            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "compressed Pixel Data truncated")
+        items += 1
+    fragments = items - 1  # the first item is the Basic Offset Table
+    if fragments < image.frames:
+        raise Rejected(
+            Status.PIXEL_DATA_INCONSISTENT,
+            f"compressed Pixel Data has {fragments} fragments for {image.frames} frames",
+        )

@@ -1,0 +1,86 @@
+"""How pynetdicom hands us received data sets: streamed to a file, not held in memory.
+
+With ``_config.STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each C-STORE data
+set, as received, into ``tempfile.NamedTemporaryFile()`` (File Meta first) and
+gives the handler its path (``event.dataset_path``); it deletes that name after
+the handler returns. We point the temporary file at the spool's ``.incoming``
+folder so that giving it its final name is a link on the same file system, and
+so leftovers of a crash are ours to sweep. A large instance (an Enhanced CT of
+hundreds of frames) therefore never sits whole in the listener's memory.
+
+On Linux each chunk written also starts its write-back (``sync_file_range``,
+asynchronous): the disk works while the rest of the instance arrives, so the
+fsync that makes the instance durable before success mostly finds it done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from pynetdicom import _config, dimse_messages
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TEMP_PREFIX", "stream_received_data_sets_to"]
+
+TEMP_PREFIX = "rx-"
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Any:
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+class _WritebackFile:
+    """The file object pynetdicom writes to; ``flush`` also starts write-back to disk."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self._fd = file.fileno()
+
+    def flush(self) -> None:
+        self._file.flush()
+        if _sync_file_range is not None:
+            _sync_file_range(self._fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def _temporary_file_in(incoming: Path) -> Any:
+    def factory(**kwargs: Any) -> Any:
+        wrapper = tempfile.NamedTemporaryFile(dir=str(incoming), prefix=TEMP_PREFIX, **kwargs)
+        wrapper.file = _WritebackFile(wrapper.file)  # type: ignore[assignment]
+        return wrapper
+
+    return factory
+
+
+def stream_received_data_sets_to(incoming: Path) -> None:
+    """Make pynetdicom stream every received C-STORE data set into a file in ``incoming``.
+
+    Process-wide (pynetdicom's switch is a module global): a listener process
+    has one spool.
+    """
+    if not hasattr(dimse_messages, "NamedTemporaryFile"):
+        raise RuntimeError("this pynetdicom does not stream data sets to temporary files")
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    setattr(dimse_messages, "NamedTemporaryFile", _temporary_file_in(incoming))  # noqa: B010

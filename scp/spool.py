@@ -1,0 +1,221 @@
+"""The spool: received instances on disk, durable before the listener answers success.
+
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
+built from validated UIDs only (:mod:`scp.uids`). pynetdicom streams each
+received data set into a temporary file in ``<spool>/.incoming`` (same file
+system, see :mod:`scp.receive`). :meth:`Spool.link_new` gives it its final
+name atomically (never replacing another file), :meth:`Spool.seal` hashes and
+fsyncs it, :meth:`Spool.sync_directory` makes the name durable; a crash leaves
+either the whole instance or nothing under its final name. :meth:`Spool.place`
+(atomic replace) is the slow path when a file is already there.
+The bytes are written as they came: no decode, no re-encode.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from scp.instance import InstanceHeader
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["INCOMING_DIR", "Sealed", "Spool", "relative_path"]
+
+INCOMING_DIR = ".incoming"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A received file whose bytes are on stable storage."""
+
+    size_bytes: int
+    sha256: str
+
+
+def relative_path(header: InstanceHeader) -> str:
+    """Spool-relative path of an instance (POSIX separators, as stored in ``instances.path``)."""
+    return (
+        f"{header.study_instance_uid}/{header.series_instance_uid}/{header.sop_instance_uid}.dcm"
+    )
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Files under ``root``; one per process, shared by every association thread."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.absolute()
+        self.incoming = self.root / INCOMING_DIR
+        self._known_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Create the spool and its incoming folder (idempotent)."""
+        for path in (self.root, self.incoming):
+            if not path.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+                fsync_directory(path.parent)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def path_of(self, relative: str) -> Path:
+        return self.root / relative
+
+    def seal(self, path: Path) -> Sealed:
+        """Hash a received file and flush it (data and metadata) to stable storage.
+
+        On a file already linked under its final name (:meth:`link_new`) this
+        one fsync also commits the new directory entry on journalling file
+        systems, which makes the following :meth:`sync_directory` cheap.
+        """
+        digest = hashlib.sha256()
+        size = 0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, _CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return Sealed(size_bytes=size, sha256=digest.hexdigest())
+
+    def digest_of(self, relative: str) -> str | None:
+        """SHA-256 of a stored file, or ``None`` when it is absent."""
+        digest = hashlib.sha256()
+        try:
+            with self.path_of(relative).open("rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            return None
+        return digest.hexdigest()
+
+    def link_new(self, received: Path, relative: str) -> bool:
+        """Give the received file its final name, unless that name exists (then ``False``).
+
+        A hard link: atomic, never replaces, and the received name stays for
+        pynetdicom to delete. Not yet durable: :meth:`seal` then
+        :meth:`sync_directory`.
+        """
+        final = self.path_of(relative)
+        self._ensure_directory(final.parent)
+        try:
+            os.link(received, final)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            return self._copy_into(received, final, replace=False)
+        return True
+
+    def sync_directory(self, relative: str) -> None:
+        fsync_directory(self.path_of(relative).parent)
+
+    def place(self, sealed_path: Path, relative: str) -> None:
+        """Atomically replace the file under ``relative`` by a sealed file, durably.
+
+        Only for what the database let the caller claim: a file already there
+        without a claim is a leftover of a crash before its commit, never
+        acknowledged to the sender.
+        """
+        final = self.path_of(relative)
+        directory = final.parent
+        self._ensure_directory(directory)
+        try:
+            os.replace(sealed_path, final)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self._copy_into(sealed_path, final, replace=True)
+        fsync_directory(directory)
+
+    def remove_if_same(self, received: Path, relative: str) -> None:
+        """Undo :meth:`link_new` when the final name still points at the received file."""
+        final = self.path_of(relative)
+        try:
+            if os.path.samefile(received, final):
+                final.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _copy_into(self, source: Path, final: Path, replace: bool) -> bool:
+        """Fallback when the received file is on another file system (never in production)."""
+        part = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.part")
+        try:
+            shutil.copyfile(source, part)
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if replace:
+                os.replace(part, final)
+                return True
+            try:
+                os.link(part, final)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            part.unlink(missing_ok=True)
+
+    def _ensure_directory(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        with self._lock:
+            missing: list[Path] = []
+            probe = directory
+            while probe != self.root and not probe.is_dir():
+                missing.append(probe)
+                probe = probe.parent
+            for path in reversed(missing):
+                try:
+                    path.mkdir()
+                except FileExistsError:
+                    pass
+                fsync_directory(path.parent)  # the new entry itself must survive a crash
+            self._known_dirs.add(directory)
+
+    def clear_incoming(self, older_than_seconds: float = 0.0) -> int:
+        """Delete temporary files left by interrupted transfers; returns how many.
+
+        At start-up every file there is a leftover (``older_than_seconds=0``);
+        while running, only files untouched for longer than an association may
+        stay idle are (a live transfer writes to its file at every PDU).
+        """
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        try:
+            entries = list(os.scandir(self.incoming))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file() and entry.stat().st_mtime <= cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            logger.info("removed %d interrupted transfer file(s) from %s", removed, self.incoming)
+        return removed
