@@ -1,7 +1,8 @@
 """The preprocessing cache: segmentation and preprocessing run once per slice.
 
 The paper stores every preprocessed slice as a 224 x 224 8-bit image; so do we.
-Each slice goes through the shared method code (lung segmentation, then
+Each slice goes through the shared method code (lung segmentation with the
+slice's pixel spacing, then
 :func:`model_train.method.preprocess.normalise_batch`, steps 1-5) and is stored
 as the lossless ``uint8`` grey image (:func:`~model_train.method.preprocess.gray_to_uint8`)
 plus its lung fraction (the share of the image inside the lung mask: training
@@ -11,7 +12,7 @@ normalisation) and the augmentation run at training time.
 Layout: ``<cache_dir>/method-<METHOD_VERSION>/pp-<hash of PreprocessParams>/<kk>/<key>.npz``.
 The folder names the method version and the preprocessing parameters, so a
 change of either never reads stale images; the key hashes the source file's
-absolute path, size and modification time and the row's rotation and window,
+absolute path, size and modification time and the row's rotation, window and spacing,
 so an edited file is recomputed. Entries are written to a temporary file and
 renamed: an interrupted run leaves only whole entries, and the next run
 resumes where it stopped. Work is spread over a process pool (default 2, the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import tempfile
@@ -33,16 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
+from torch import Tensor
 
 from model_train.method.classes import METHOD_VERSION
 from model_train.method.preprocess import PreprocessParams
 from model_train.progress import ProgressBar
-from model_train.sources import SliceSource, SourceError, load_hu
+from model_train.sources import LoadedSlice, SliceSource, SourceError, load_slice
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 16
+POOL_MIN_SLICES = 256  # below this, starting processes (each imports torch) costs more than it saves
 
 
 class CacheError(RuntimeError):
@@ -78,7 +84,8 @@ def slice_key(source: SliceSource) -> str:
     """Identity of one source slice (file identity plus how it is read)."""
     st = source.path.stat()
     ident = [str(source.path.absolute()), st.st_size, st.st_mtime_ns, source.rotate,
-             list(source.window) if source.window else None]
+             list(source.window) if source.window else None, source.pixel_spacing,
+             source.cropped]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:40]
 
 
@@ -86,21 +93,64 @@ def entry_path(root: Path, key: str) -> Path:
     return root / key[:2] / f"{key}.npz"
 
 
-def prepare_slice(
-    hu: NDArray[np.float32], params: PreprocessParams
-) -> tuple[NDArray[np.uint8], float]:
-    """Shared segmentation + preprocessing steps 1-5 of one HU slice -> (uint8 grey, lung share)."""
-    import torch
+FRAME_TISSUE_MM = 6.0
+FRAME_TISSUE_HU = 40.0
+FRAME_AIR_PX = 4
 
+
+def frame_widths(spacing_mm: float | None) -> tuple[int, int]:
+    """(soft-tissue, air) frame widths in pixels around a cropped image.
+
+    The tissue frame is wider than the segmentation's 5 mm chest margin, so the
+    margin erodes into the frame and not into the image.
+    """
+    from model_train.method.segmentation import SegmentationParams
+
+    spacing = spacing_mm or SegmentationParams().default_spacing_mm
+    return int(math.ceil(FRAME_TISSUE_MM / spacing)), FRAME_AIR_PX
+
+
+def _segment(hu: Tensor, spacing: float | None, cropped: bool) -> Tensor:
+    """The shared torch segmentation; a cropped image is framed, segmented, cut back."""
+    from model_train.method.segmentation_torch import segment_lungs_torch
+
+    if not cropped:
+        return segment_lungs_torch(hu, spacing_mm=spacing)
+    tissue, air = frame_widths(spacing)
+    framed = F.pad(hu, (tissue, tissue, tissue, tissue), value=FRAME_TISSUE_HU)
+    framed = F.pad(framed, (air, air, air, air), value=-1000.0)
+    w = tissue + air
+    return segment_lungs_torch(framed, spacing_mm=spacing)[:, w:-w, w:-w].contiguous()
+
+
+def prepare_slices(
+    slices: Sequence[LoadedSlice], params: PreprocessParams
+) -> list[tuple[NDArray[np.uint8], float]]:
+    """Shared segmentation + preprocessing steps 1-5 -> (uint8 grey, lung share) per slice.
+
+    Slices of one size and spacing go through
+    :func:`~model_train.method.segmentation_torch.segment_lungs_torch` together,
+    as the worker segments a series (slice-independent, so batching changes
+    nothing). Images cropped inside the body (MedSeg: no air around the chest,
+    the lungs touch the image border, so the chest step's flood fill from the
+    border would remove them) are framed by 6 mm of soft tissue (40 HU) and 4
+    pixels of air for the segmentation only; the mask is cut back to the image,
+    and preprocessing sees the original pixels.
+    """
     from model_train.method.preprocess import gray_to_uint8, normalise_batch
-    from model_train.method.segmentation import segment_lungs
 
-    lung = np.asarray(segment_lungs(hu), dtype=bool)
-    gray = normalise_batch(
-        torch.from_numpy(hu).unsqueeze(0), torch.from_numpy(lung).unsqueeze(0), params
-    )
-    stored = gray_to_uint8(gray, params)[0, 0].numpy()
-    return stored, float(lung.mean())
+    out: list[tuple[NDArray[np.uint8], float] | None] = [None] * len(slices)
+    groups: dict[tuple[tuple[int, ...], float | None, bool], list[int]] = {}
+    for i, s in enumerate(slices):
+        groups.setdefault((s.hu.shape, s.spacing_mm, s.cropped), []).append(i)
+    for (_, spacing, cropped), idx in groups.items():
+        hu = torch.from_numpy(np.stack([slices[i].hu for i in idx]))
+        lung = _segment(hu, spacing, cropped)
+        stored = gray_to_uint8(normalise_batch(hu, lung, params), params)[:, 0].numpy()
+        fractions = lung.float().mean(dim=(1, 2)).tolist()
+        for k, i in enumerate(idx):
+            out[i] = (stored[k], float(fractions[k]))
+    return [o for o in out if o is not None]
 
 
 def _write_entry(path: Path, gray: NDArray[np.uint8], lung_fraction: float) -> None:
@@ -121,12 +171,17 @@ def _compute_chunk(
     """Worker process: preprocess and write each slice; return (key, error or None)."""
     p = PreprocessParams.from_dict(params)
     out: list[tuple[str, str | None]] = []
+    loaded: list[tuple[str, LoadedSlice]] = []
     for key, source in items:
         try:
-            gray, fraction = prepare_slice(load_hu(source), p)
-        except (SourceError, ValueError) as exc:
+            loaded.append((key, load_slice(source)))
+        except SourceError as exc:
             out.append((key, str(exc)))
-            continue
+    try:
+        prepared = prepare_slices([s for _, s in loaded], p)
+    except ValueError as exc:  # the method's input checks: report, do not kill the pool
+        return out + [(key, f"preprocessing failed: {exc}") for key, _ in loaded]
+    for (key, _), (gray, fraction) in zip(loaded, prepared, strict=True):
         _write_entry(entry_path(Path(root), key), gray, fraction)
         out.append((key, None))
     return out
@@ -167,7 +222,7 @@ def build_cache(
     logger.info("cache %s: %d slices, %d to compute", root, len(keyed), len(todo))
     bar = ProgressBar(len(todo), "preprocessing slices") if progress and todo else None
     try:
-        if workers <= 1 or len(todo) <= CHUNK:
+        if workers <= 1 or len(todo) <= POOL_MIN_SLICES:
             for chunk in _chunks(todo, CHUNK):
                 for key, err in _compute_chunk(chunk, str(root), params.to_dict()):
                     if err:

@@ -32,6 +32,14 @@ is not silently ignored):
     For 8-bit slice images only: the display window the image was exported
     with, used to map grey values back to approximate Hounsfield units
     (:mod:`model_train.sources`). Default: the lung window -600 / 1500.
+``pixel_spacing`` (optional)
+    For slice images only: millimetres per pixel, which the lung segmentation
+    uses to size its morphology (DICOM files carry PixelSpacing). Default: the
+    segmentation's default spacing.
+``cropped`` (optional, ``0``/``1``)
+    For slice images cropped inside the body (MedSeg): the segmentation's chest
+    step needs air around the body, so it runs on the image framed by soft
+    tissue and air (:mod:`model_train.cache`); the network input is unchanged.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
     "rotate",
     "window_center",
     "window_width",
+    "pixel_spacing",
+    "cropped",
 )
 COLUMNS: tuple[str, ...] = (
     "subject",
@@ -68,6 +78,8 @@ COLUMNS: tuple[str, ...] = (
     "rotate",
     "window_center",
     "window_width",
+    "pixel_spacing",
+    "cropped",
 )
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
@@ -99,6 +111,8 @@ class ManifestRow:
     slice_label: bool | None = None
     rotate: int = 0
     window: tuple[float, float] | None = None
+    pixel_spacing: float | None = None
+    cropped: bool = False
 
     @property
     def is_series(self) -> bool:
@@ -249,6 +263,18 @@ def _parse_row(raw: dict[str, str], where: str, base: Path, check_paths: bool) -
             raise _fail(where, f"window {wc!r}/{ww!r} is not numeric") from None
         if window[1] <= 0:
             raise _fail(where, f"window_width must be positive, not {ww}")
+    spacing_text = get("pixel_spacing")
+    pixel_spacing: float | None = None
+    if spacing_text:
+        try:
+            pixel_spacing = float(spacing_text)
+        except ValueError:
+            raise _fail(where, f"pixel_spacing {spacing_text!r} is not numeric") from None
+        if not pixel_spacing > 0:
+            raise _fail(where, f"pixel_spacing must be positive, not {spacing_text}")
+    cropped_text = get("cropped") or "0"
+    if cropped_text not in ("0", "1"):
+        raise _fail(where, f"cropped must be 0, 1 or empty, not {cropped_text!r}")
     return ManifestRow(
         subject=get("subject"),
         study=get("study"),
@@ -259,6 +285,8 @@ def _parse_row(raw: dict[str, str], where: str, base: Path, check_paths: bool) -
         slice_label=slice_label,
         rotate=rotate,
         window=window,
+        pixel_spacing=pixel_spacing,
+        cropped=cropped_text == "1",
     )
 
 
@@ -347,6 +375,8 @@ def write_manifest(manifest: Manifest | Sequence[ManifestRow], path: Path,
                 r.rotate or "",
                 "" if r.window is None else f"{r.window[0]:g}",
                 "" if r.window is None else f"{r.window[1]:g}",
+                "" if r.pixel_spacing is None else f"{r.pixel_spacing:g}",
+                1 if r.cropped else "",
             ])
     tmp.replace(path)
     return path

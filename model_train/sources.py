@@ -10,7 +10,9 @@
   ``(c, w)`` is mapped back linearly: ``hu = c - w / 2 + g / 255 * w`` (default
   lung window -600 / 1500: black -1350, white +150 HU). Values outside the
   export window were clipped by the exporter and stay clipped. The image is
-  first rotated clockwise by the row's ``rotate``. After that the shared
+  first rotated clockwise by the row's ``rotate``. Images cropped inside the
+  body are marked ``cropped`` and get a frame for the segmentation only
+  (:func:`model_train.cache.prepare_slices`). After that the shared
   segmentation and preprocessing run unchanged, so the lung threshold of
   -850 HU falls at grey 85; how well the lung mask works on such images is the
   data set's caveat, not a second preprocessing.
@@ -48,6 +50,8 @@ class SliceSource:
     row: int  # index into the manifest's rows
     rotate: int = 0
     window: tuple[float, float] | None = None
+    pixel_spacing: float | None = None  # images only; DICOM files carry their own
+    cropped: bool = False  # images cropped inside the body (see model_train.cache)
 
     @property
     def is_image(self) -> bool:
@@ -74,16 +78,24 @@ def expand_rows(rows: Sequence[ManifestRow]) -> tuple[SliceSource, ...]:
                 raise SourceError(f"{r.path}: series directory without DICOM files")
             out.extend(SliceSource(p, i) for p in files)
         else:
-            out.append(SliceSource(r.path, i, r.rotate, r.window))
+            out.append(SliceSource(r.path, i, r.rotate, r.window, r.pixel_spacing, r.cropped))
     return tuple(out)
 
 
-def dicom_hu(path: Path) -> NDArray[np.float32]:
-    """Hounsfield units of a single-frame CT DICOM file, computed as the worker computes them.
+@dataclass(frozen=True)
+class LoadedSlice:
+    hu: NDArray[np.float32]  # (rows, columns)
+    spacing_mm: float | None  # row spacing in mm (square pixels assumed); None = unknown
+    cropped: bool = False
 
-    ``stored * RescaleSlope + RescaleIntercept`` in float32, clipped below at -1024 HU
-    (padding outside the scan field reads as air); the same arithmetic as
-    ``worker.loading.decode_hu``, which a test checks bit for bit.
+
+def dicom_slice(path: Path) -> LoadedSlice:
+    """Hounsfield units and pixel spacing of a single-frame CT DICOM file.
+
+    HU are computed as the worker computes them: ``stored * RescaleSlope +
+    RescaleIntercept`` in float32, clipped below at -1024 HU (padding outside the
+    scan field reads as air); the same arithmetic as ``worker.loading.decode_hu``,
+    which a test checks bit for bit.
     """
     try:
         ds = pydicom.dcmread(path)
@@ -100,7 +112,18 @@ def dicom_hu(path: Path) -> NDArray[np.float32]:
     if intercept != 0.0:
         hu += np.float32(intercept)
     np.maximum(hu, MIN_HU, out=hu)
-    return hu
+    spacing: float | None = None
+    try:
+        value = ds.get("PixelSpacing")
+        spacing = float(value[0]) if value else None
+    except (ValueError, TypeError, IndexError):
+        spacing = None
+    return LoadedSlice(hu, spacing if spacing and spacing > 0 else None)
+
+
+def dicom_hu(path: Path) -> NDArray[np.float32]:
+    """Hounsfield units of a DICOM file (see :func:`dicom_slice`)."""
+    return dicom_slice(path).hu
 
 
 def image_hu(path: Path, rotate: int = 0,
@@ -119,8 +142,9 @@ def image_hu(path: Path, rotate: int = 0,
     return hu
 
 
-def load_hu(source: SliceSource) -> NDArray[np.float32]:
-    """The slice in HU, (rows, columns) float32."""
+def load_slice(source: SliceSource) -> LoadedSlice:
+    """The slice in HU, (rows, columns) float32, and its pixel spacing."""
     if source.is_image:
-        return image_hu(source.path, source.rotate, source.window)
-    return dicom_hu(source.path)
+        return LoadedSlice(image_hu(source.path, source.rotate, source.window),
+                           source.pixel_spacing, source.cropped)
+    return dicom_slice(source.path)

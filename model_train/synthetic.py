@@ -8,8 +8,9 @@
   (``images/``, ``masks/``, lung window, stored rotated 90 degrees like the real
   set) with one manifestation drawn into the lungs of a normal phantom slice:
   ground-glass patches (-550 HU), consolidation (30 HU) or fibrotic streaks
-  (thin dense lines, which the real set lacks). Read by
-  :func:`~model_train.importers.medseg.import_medseg`; mask value 3 marks streaks.
+  (thin dense lines, which the real set lacks); cropped to the lungs like
+  MedSeg's slices. Read by :func:`~model_train.importers.medseg.import_medseg`;
+  ``labels.csv`` carries the streak pixel counts and the pixel spacing.
 
 No patient data: every image is computed.
 """
@@ -105,7 +106,12 @@ def _manifestation_slice(kind: str, size: int, rng: np.random.Generator,
                 hu[region] = rng.uniform(10, 50)
                 mask[region] = 2
     hu += rng.normal(0, 10, size=hu.shape).astype(np.float32)
-    return hu, mask
+    # cropped inside the body like MedSeg's slices: the lungs' bounding box plus a small rim
+    rows, cols = np.nonzero((hu16 < -700) & (hu16 > -950))
+    rim = max(2, size // 40)
+    r0, r1 = max(rows.min() - rim, 0), min(rows.max() + rim + 1, size)
+    c0, c1 = max(cols.min() - rim, 0), min(cols.max() + rim + 1, size)
+    return hu[r0:r1, c0:c1], mask[r0:r1, c0:c1]
 
 
 def write_manifestation_set(root: Path, per_class: int = 20, size: int = 128,
@@ -125,11 +131,11 @@ def write_manifestation_set(root: Path, per_class: int = 20, size: int = 128,
             Image.fromarray(np.rot90(mask)).save(root / "masks" / f"{n}.png")
             rows.append([f"images/{n}.png", f"masks/{n}.png", n, kind,
                          int((mask == 1).sum()), int((mask == 2).sum()),
-                         int((mask == STREAK_VALUE).sum())])
+                         int((mask == STREAK_VALUE).sum()), f"{350.0 / size:g}"])
             n += 1
     with (root / "labels.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["image", "mask", "medseg_index", "kind", "ggo_pixels",
-                    "consolidation_pixels", "streak_pixels"])
+                    "consolidation_pixels", "streak_pixels", "pixel_spacing"])
         w.writerows(rows)
     return root

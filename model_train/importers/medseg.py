@@ -15,6 +15,11 @@ How these images enter the shared preprocessing (documented in docs/training.md)
 - **Intensity**: grey values are mapped back to approximate HU through the
   assumed lung window -600/1500 (``window``): ``hu = c - w/2 + g/255 * w``;
   the shared segmentation and preprocessing then run unchanged.
+- **Cropping**: the slices are cropped inside the body, so there is no air
+  around the chest for the segmentation's chest step; rows are marked
+  ``cropped`` and the cache frames them for the segmentation only. Pixel spacing
+  is unknown (``pixel_spacing`` from ``labels.csv`` if it has the column, else the
+  segmentation's default 0.7 mm).
 - **Subjects**: the source has no patient identifiers, so every image is its own
   subject; the manifestation split is by image anyway, as in the paper.
 """
@@ -60,6 +65,7 @@ def import_medseg(
     window: tuple[float, float] = LUNG_WINDOW,
     rotate: int = 90,
     streak_value: int | None = None,
+    cropped: bool = True,
 ) -> tuple[ManifestRow, ...]:
     """One manifestation row per image with a non-empty mask.
 
@@ -74,6 +80,7 @@ def import_medseg(
     if not images_dir.is_dir() or not masks_dir.is_dir():
         raise DataImportError(f"{root}: expected images/ and masks/ folders")
     counts: dict[str, tuple[int, int, int]] = {}
+    spacing: dict[str, float] = {}
     table = root / "labels.csv"
     if table.is_file():
         with table.open(newline="", encoding="utf-8") as fh:
@@ -81,6 +88,8 @@ def import_medseg(
                 name = Path(raw["image"]).name
                 counts[name] = (int(raw["ggo_pixels"]), int(raw["consolidation_pixels"]),
                                 int(raw.get("streak_pixels") or 0))
+                if raw.get("pixel_spacing"):
+                    spacing[name] = float(raw["pixel_spacing"])
     rows: list[ManifestRow] = []
     skipped = 0
     for image in sorted(images_dir.iterdir(), key=lambda p: (len(p.stem), p.stem)):
@@ -98,7 +107,8 @@ def import_medseg(
         ident = f"medseg-{image.stem}"
         rows.append(ManifestRow(subject=ident, study=ident, path=image, label="covid19",
                                 manifestation=manifestation, slice_label=True,
-                                rotate=rotate, window=window))
+                                rotate=rotate, window=window,
+                                pixel_spacing=spacing.get(image.name), cropped=cropped))
     if not rows:
         raise DataImportError(f"{root}: no image with a GGO or consolidation mask")
     if skipped:

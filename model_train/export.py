@@ -1,0 +1,131 @@
+"""``ctdx train export``: a trained run -> the checkpoint format the worker loads.
+
+The exported file is written with :func:`model_train.method.checkpoint.save_checkpoint`
+and carries the model name and version, a **new model UID** (a DICOM UID that
+the SR reports as the algorithm identity: each export is a distinct model), the
+task's class names, the preprocessing parameters the run was trained with, the
+method version, and a summary of the training data (counts per set and class,
+the manifest's file name, fold, epochs; no subject identifiers).
+
+``RUN`` is either one run folder (``.../<task>/<network>/fold-<k>``) or the root
+of a reproduction. From a root, the network is the one given, else the one with
+the best mean validation accuracy over folds; the fold is the one with the best
+validation accuracy. Test results never choose the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model_train.config import Config, NetworkSpec, config_from_dict
+from model_train.method.checkpoint import CheckpointMeta, save_checkpoint
+from model_train.method.classes import Task
+from model_train.method.networks import build_resnet
+from model_train.metrics import mean_sd
+from model_train.report import collect_runs
+from model_train.train import load_train_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """Nothing exportable at the given path; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    meta: CheckpointMeta
+    run: Path
+
+
+def _run_config(run: Path) -> Config:
+    raw = tomllib.loads((run / "config.toml").read_text(encoding="utf-8"))
+    return config_from_dict(raw, run)
+
+
+def choose_run(root: Path, task: Task, network: str | None = None) -> Path:
+    """The run folder to export from a reproduction root (see the module doc)."""
+    runs = [r for r in collect_runs(root) if r.task == task]
+    if network is not None:
+        name = NetworkSpec.parse(network).name
+        runs = [r for r in runs if r.network == name]
+    if not runs:
+        raise ExportError(f"no finished {task} runs{' of ' + network if network else ''} "
+                          f"under {root}")
+    if network is None:
+        by_net: dict[str, list[float]] = {}
+        for r in runs:
+            by_net.setdefault(r.network, []).append(
+                float(r.result["validation"]["overall_accuracy"]))
+        best_net = max(by_net, key=lambda n: mean_sd(by_net[n])[0])
+        runs = [r for r in runs if r.network == best_net]
+    best = max(runs, key=lambda r: (float(r.result["validation"]["overall_accuracy"]),
+                                    -r.fold))
+    return best.path
+
+
+def export_run(
+    run: Path,
+    out: Path,
+    model_name: str | None = None,
+    model_version: str = "1.0",
+    task: Task = "recognition",
+    network: str | None = None,
+) -> Exported:
+    """Write the worker checkpoint of ``run`` (a run folder or a reproduction root) to ``out``."""
+    run = Path(run)
+    if not (run / "result.json").is_file():
+        run = choose_run(run, task, network)
+    result = json.loads((run / "result.json").read_text())
+    best = run / "checkpoint-best.pt"
+    if not best.is_file():
+        raise ExportError(f"{run}: no checkpoint-best.pt")
+    config = _run_config(run)
+    spec = NetworkSpec.parse(result["network"])
+    run_task = typing.cast(Task, result["task"])
+    model = build_resnet(spec.arch, num_classes=3)
+    model.load_state_dict(load_train_checkpoint(best)["model"])
+    name = model_name or f"ctdx {spec.name} {run_task}"
+    manifest = config.data.manifest if run_task == "recognition" else (
+        config.data.manifestation_manifest or config.data.manifest)
+    training_data: dict[str, Any] = {
+        "run": result["run"],
+        "fold": result["fold"],
+        "epochs": result["epochs"],
+        "best_epoch": result["best_epoch"],
+        "manifest": manifest.name if manifest else None,
+        "split_seed": config.split.seed,
+        "slice_policy": config.data.slice_policy,
+        "sets": result["data"],
+        "validation_overall_accuracy": result["validation"]["overall_accuracy"],
+        "test_overall_accuracy": result["test"]["overall_accuracy"],
+        "pretrained": spec.pretrained,
+    }
+    meta = CheckpointMeta.new(
+        task=run_task, arch=spec.arch, model_name=name, model_version=model_version,
+        training_data=_plain(training_data), preprocess=config.preprocess_params(),
+    )
+    save_checkpoint(out, model, meta)
+    logger.info("exported %s as %s %s (uid %s)", run, name, model_version, meta.model_uid)
+    return Exported(Path(out), meta, run)
+
+
+def _plain(value: Any) -> Any:
+    """Only plain types for the checkpoint (NaN, which JSON viewers reject, becomes None)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
