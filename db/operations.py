@@ -169,9 +169,14 @@ def requeue_study(
             f"{version.version if version else 1}); it is queued by itself once complete"
         )
     if version.state in _IN_FLIGHT and not force:
+        where = {
+            VersionState.COMPLETE: "is waiting in the outbox to be queued",
+            VersionState.QUEUED: "is already queued and not finished",
+            VersionState.PROCESSING: "is being analysed",
+        }[VersionState(version.state)]
         raise StudyInFlight(
-            f"study {study_instance_uid} version {version.version} is already {version.state} "
-            "and not finished; use --force only if its task was lost"
+            f"study {study_instance_uid} version {version.version} {where}; "
+            "use --force only if its task was lost"
         )
 
     outbox = session.scalars(

@@ -19,7 +19,7 @@ from typer.testing import Result
 from db import migrate
 from db.cli import app
 from db.session import make_engine
-from tests.cli.conftest import Filled, flat
+from tests.cli.conftest import Filled, fill, flat
 from tests.cli.conftest import ctdx as ctdx_80
 
 
@@ -109,10 +109,8 @@ def test_unreachable_postgresql_exits_3() -> None:
         assert "cannot use the database" in flat(result.stderr)
 
 
-def test_missing_postgresql_database_exits_3(filled: Filled) -> None:
-    if not filled.url.startswith("postgresql"):
-        pytest.skip("PostgreSQL only")
-    url = filled.url.rsplit("/", 1)[0] + "/ctdx_no_such_database"
+def test_missing_postgresql_database_exits_3(postgres_url: str) -> None:
+    url = postgres_url.rsplit("/", 1)[0] + "/ctdx_no_such_database"
     result = ctdx("results", "list", "--database-url", url)
     assert result.exit_code == 3
     assert 'database "ctdx_no_such_database" does not exist' in flat(result.stderr)
@@ -155,9 +153,8 @@ def _script() -> str:
     return found
 
 
-def test_installed_script_prints_one_line_errors(tmp_path: Path, filled: Filled) -> None:
-    if not filled.url.startswith("sqlite"):
-        pytest.skip("one backend is enough for the script's error printing")
+def test_installed_script_prints_one_line_errors(tmp_path: Path, sqlite_url: str) -> None:
+    filled = Filled(sqlite_url, fill(sqlite_url))
     env = {**os.environ, "COLUMNS": "80", "CTDX_DATA_DIR": str(tmp_path / "data")}
     env.pop("CTDX_DATABASE_URL", None)
     cases = [

@@ -95,16 +95,24 @@ def test_requeue_analysed_study_keeps_its_results(scenario_db: Filled, engine_of
 
 
 @pytest.mark.parametrize(
-    ("name", "message"),
+    ("name", "state", "message"),
     [
-        ("receiving", "is still arriving"),
-        ("requeued", "is already queued and not finished"),
+        ("receiving", None, "is still arriving"),
+        ("requeued", None, "is already queued and not finished"),
+        ("covid", "processing", "is being analysed"),
+        ("covid", "complete", "is waiting in the outbox to be queued"),
     ],
 )
 def test_requeue_refused_while_arriving_or_in_flight(
-    scenario_db: Filled, engine_of: Engine, name: str, message: str
+    scenario_db: Filled, engine_of: Engine, name: str, state: str | None, message: str
 ) -> None:
     uid = scenario_db.scenario.uids[name]
+    if state is not None:
+        with session_scope(engine_of) as s:
+            version = s.scalars(
+                select(StudyVersion).join(Study).where(Study.study_instance_uid == uid)
+            ).one()
+            version.state = state
     state_before = _newest_version(engine_of, uid)[0].state
     result = ctdx("studies", "requeue", uid, "--database-url", scenario_db.url)
     assert result.exit_code == 5
