@@ -76,6 +76,9 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=settings.task_time_limit,
         task_soft_time_limit=max(settings.task_time_limit - 30, 5),
         worker_prefetch_multiplier=1,
+        # a pool process loads the models in worker_process_init (torch import, checkpoints,
+        # CUDA start-up): Celery's default of 4 s kills and respawns it in a loop
+        worker_proc_alive_timeout=300,
         worker_hijack_root_logger=False,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,

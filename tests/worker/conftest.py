@@ -95,15 +95,6 @@ def store_files(
 
 
 @pytest.fixture
-def worker_settings(tmp_path: Path, sqlite_url: str) -> Settings:
-    """Settings for an in-process worker on a fresh SQLite database (no models yet)."""
-    return load_settings(
-        data_dir=tmp_path / "data", database_url=sqlite_url, broker_url="memory://",
-        claim_timeout=30,
-    )
-
-
-@pytest.fixture
 def store(tmp_path: Path) -> Iterator[Callable[..., StoredStudy]]:
     """``store(url, files)``: put files into ``tmp_path/data/spool`` and the DB at ``url``."""
     engines: dict[str, Engine] = {}
@@ -115,3 +106,66 @@ def store(tmp_path: Path) -> Iterator[Callable[..., StoredStudy]]:
     yield _store
     for engine in engines.values():
         engine.dispose()
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    recognition: Path
+    manifestation: Path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
+    """Small random-weight checkpoints (fixed seed; ImageNet weights cannot be downloaded here).
+
+    ResNet18 for both tasks keeps the tests quick (the worker does not care about the
+    architecture; the benchmark times ResNet50). The recognition head is biased towards
+    COVID-19 so every analysed slice is called COVID-19 and the manifestation network runs.
+    """
+    import torch
+
+    from model_train.method.checkpoint import CheckpointMeta, save_checkpoint
+    from model_train.method.networks import build_resnet
+
+    out = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    recognition = build_resnet("resnet18")
+    with torch.no_grad():
+        recognition.fc.bias.copy_(torch.tensor([6.0, 0.0, 0.0]))
+    rec_path, man_path = out / "recognition.pt", out / "manifestation.pt"
+    save_checkpoint(rec_path, recognition, CheckpointMeta.new(
+        "recognition", "resnet18", "test-recognition", "0.0.1",
+        training_data={"note": "random weights, tests only"},
+    ))
+    save_checkpoint(man_path, build_resnet("resnet18"), CheckpointMeta.new(
+        "manifestation", "resnet18", "test-manifestation", "0.0.1",
+        training_data={"note": "random weights, tests only"},
+    ))
+    return Checkpoints(rec_path, man_path)
+
+
+@pytest.fixture(scope="session")
+def small_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default rules, but short test series (4 slices and up) are usable."""
+    path = tmp_path_factory.mktemp("rules") / "rules.toml"
+    path.write_text(
+        '[[filters]]\nattribute = "modality"\nin = ["CT"]\n'
+        '[[filters]]\nattribute = "axial_cosine"\nmin = 0.9\n'
+        '[[filters]]\nattribute = "slice_count"\nmin = 4\n'
+        '[[preferences]]\nattribute = "convolution_kernel"\nprefer_match = ["*LUNG*", "B7*"]\n'
+        '[[preferences]]\nattribute = "slice_count"\nprefer = "highest"\n'
+    )
+    return path
+
+
+def analysis_settings(
+    data_dir: Path, database_url: str, checkpoints: Checkpoints, rules: Path | None,
+    **overrides: object,
+) -> Settings:
+    values: dict[str, object] = dict(
+        data_dir=data_dir, database_url=database_url, broker_url="memory://",
+        model=checkpoints.recognition, manifestation_model=checkpoints.manifestation,
+        series_rules=rules, batch_size=8, claim_timeout=30, device="cpu",
+    )
+    values.update(overrides)
+    return load_settings(**values)

@@ -1,0 +1,224 @@
+"""Real Celery workers in subprocesses: Redis, the embedded broker, a worker killed mid-study.
+
+Each Redis test consumes its own queue (``-Q``) and deletes its keys afterwards;
+nothing else on the shared Redis is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from db.models import Analysis, SliceResult, StudyVersion
+from db.session import make_engine, session_scope
+from db.settings import Settings
+from model_train.phantom import write_phantom_series
+from tests.conftest import REPO_ROOT, wait_for
+from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings
+from worker.celery_app import TASK_PROCESS_STUDY, make_celery, task_id_for
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTDX_")}
+    for name in ("data_dir", "database_url", "broker_url", "model", "manifestation_model",
+                 "series_rules", "batch_size", "claim_timeout", "task_time_limit", "device",
+                 "min_lung_fraction"):
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"CTDX_{name.upper()}"] = str(value)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # warm shutdown
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    workers: list[WorkerProcess] = []
+
+    def _start(settings: Settings, queue: str, name: str, pool: str = "solo",
+               command: list[str] | None = None) -> WorkerProcess:
+        log = tmp_path / f"worker-{name}.log"
+        argv = command or [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
+        argv = [*argv, "-Q", queue, "--pool", pool, "--concurrency", "1",
+                "--hostname", f"{name}@%h", "--loglevel", "INFO"]
+        if command is None:
+            argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=_env(settings), stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        worker = WorkerProcess(proc, log)
+        workers.append(worker)
+        return worker
+
+    yield _start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def redis_queue(redis_url: str) -> Iterator[str]:
+    """A queue of this test's own; its keys are deleted afterwards."""
+    import redis
+
+    name = f"ctdx-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    client.delete(name, *[f"{name}\x06\x16{p}" for p in range(10)])
+    for key in client.scan_iter("_kombu.binding.*"):
+        for member in client.smembers(key):
+            if name.encode() in member:
+                client.srem(key, member)
+    client.close()
+
+
+def _send(settings: Settings, queue: str, version_id: int) -> None:
+    sender = make_celery(settings)
+    sender.send_task(TASK_PROCESS_STUDY, args=[version_id], queue=queue,
+                     task_id=task_id_for(version_id))
+    sender.close()
+
+
+def _one_analysis(engine: Engine, version_id: int) -> tuple[Analysis, int]:
+    with session_scope(engine) as session:
+        [analysis] = session.scalars(
+            select(Analysis).where(Analysis.study_version_id == version_id)
+        ).all()
+        slices = session.scalar(select(func.count()).select_from(SliceResult).where(
+            SliceResult.analysis_id == analysis.id))
+        return analysis, int(slices or 0)
+
+
+def _wait_analysed(engine: Engine, version_id: int, worker: WorkerProcess,
+                   timeout: float = 120) -> None:
+    def check() -> bool:
+        if worker.proc.poll() is not None:
+            raise AssertionError(f"worker exited:\n{worker.output()}")
+        with session_scope(engine) as session:
+            state = session.scalar(select(StudyVersion.state).where(StudyVersion.id == version_id))
+        return state in ("analysed", "failed")
+
+    try:
+        wait_for(check, timeout=timeout, interval=0.2, message=f"study version {version_id}")
+    except AssertionError:
+        print(worker.output())
+        raise
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_celery_worker_on_redis_analyses_a_study_once(
+    tmp_path: Path, redis_url: str, redis_queue: str, postgres_url: str, checkpoints: Checkpoints,
+    small_rules: Path, store: Callable[..., StoredStudy],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """The production combination: Redis broker, PostgreSQL database."""
+    db_url = postgres_url
+    settings = analysis_settings(tmp_path / "data", db_url, checkpoints, small_rules,
+                                 broker_url=f"{redis_url}/0")
+    study = write_phantom_series(tmp_path / "src", "covid19", n_slices=8, size=96, seed=5)
+    stored = store(db_url, list(study.paths))
+    worker = start_worker(settings, redis_queue, "redis")
+    _send(settings, redis_queue, stored.study_version_id)
+    _send(settings, redis_queue, stored.study_version_id)  # the outbox re-sent it
+    engine = make_engine(db_url)
+    try:
+        _wait_analysed(engine, stored.study_version_id, worker)
+        analysis, slices = _one_analysis(engine, stored.study_version_id)
+        assert analysis.state == "analysed" and analysis.slices_total == 8 and slices == 8
+        # the duplicate is consumed and does nothing
+        wait_for(lambda: "already analysed" in worker.output(), timeout=60,
+                 message="the duplicate task to be seen")
+        again, slices_again = _one_analysis(engine, stored.study_version_id)
+        assert again.id == analysis.id and again.attempts == 1 and slices_again == 8
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_worker_killed_mid_study_is_taken_over_once(
+    tmp_path: Path, redis_url: str, redis_queue: str, sqlite_url: str, checkpoints: Checkpoints,
+    small_rules: Path, store: Callable[..., StoredStudy],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    settings = analysis_settings(tmp_path / "data", sqlite_url, checkpoints, small_rules,
+                                 broker_url=f"{redis_url}/0", task_time_limit=120,
+                                 batch_size=4)
+    study = write_phantom_series(tmp_path / "src", "covid19", n_slices=16, size=96, seed=6)
+    stored = store(sqlite_url, list(study.paths))
+    first = start_worker(settings, redis_queue, "first", pool="prefork")
+    second = start_worker(settings, redis_queue, "second", pool="prefork")
+    for w in (first, second):
+        wait_for(lambda w=w: "ready." in w.output(), timeout=60, message="worker ready")
+    engine = make_engine(sqlite_url)
+    try:
+        _send(settings, redis_queue, stored.study_version_id)
+
+        def holder() -> str | None:
+            with session_scope(engine) as session:
+                row = session.execute(select(Analysis.worker, Analysis.state)).one_or_none()
+            return row.worker if row is not None and row.state == "running" else None
+
+        victim = wait_for(holder, timeout=60, interval=0.02, message="a worker to claim")
+        assert isinstance(victim, str)
+        pid = int(victim.rsplit(":", 1)[1].split("/", 1)[0])
+        os.kill(pid, signal.SIGKILL)  # mid-study: the claim is running, no results yet
+
+        _wait_analysed(engine, stored.study_version_id, first, timeout=180)
+        analysis, slices = _one_analysis(engine, stored.study_version_id)
+        assert analysis.state == "analysed" and slices == 16
+        assert analysis.attempts == 2  # taken over exactly once
+        assert analysis.worker and f":{pid}/" not in analysis.worker
+        # the pool replaced the killed process (models load within worker_proc_alive_timeout)
+        logs = first.output() + second.output()
+        assert "exited with 'signal 9" in logs and "Timed out waiting for UP" not in logs
+    finally:
+        engine.dispose()
+
+
+def test_ctdx_worker_on_the_embedded_broker(
+    tmp_path: Path, sqlite_url: str, checkpoints: Checkpoints, small_rules: Path,
+    store: Callable[..., StoredStudy], start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """No Redis: kombu's filesystem transport under the data dir, started with `ctdx worker`."""
+    settings = analysis_settings(tmp_path / "data", sqlite_url, checkpoints, small_rules,
+                                 broker_url="embedded")
+    study = write_phantom_series(tmp_path / "src", "normal", n_slices=6, size=64, seed=7)
+    stored = store(sqlite_url, list(study.paths))
+    ctdx = str(Path(sys.executable).with_name("ctdx"))
+    worker = start_worker(settings, "ctdx", "embedded", command=[ctdx, "worker"])
+    _send(settings, "ctdx", stored.study_version_id)
+    engine = make_engine(sqlite_url)
+    try:
+        _wait_analysed(engine, stored.study_version_id, worker)
+        analysis, slices = _one_analysis(engine, stored.study_version_id)
+        assert analysis.state == "analysed" and slices == 6
+        assert (tmp_path / "data" / "queue" / "messages").is_dir()
+        assert "export delivery loop started" in worker.output()
+    finally:
+        engine.dispose()
