@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -21,6 +22,7 @@ from db.models import (
 )
 from db.operations import default_actor
 from db.session import make_engine, session_scope
+from db.settings import load_settings
 from tests.cli.conftest import Filled, ctdx, flat
 
 
@@ -196,3 +198,47 @@ def test_retry_refusals(scenario_db: Filled, engine_of: Engine) -> None:
         usage = ctdx("exports", "retry", *args, "--database-url", scenario_db.url)
         assert usage.exit_code == 2 and "give an export ID or --dead" in flat(usage.stderr)
     assert _audit(engine_of) == []
+
+
+class RecordingSender:
+    """The broker side of the listener's outbox dispatcher, recording what it is handed."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def send(self, study_version_id: int) -> None:
+        self.sent.append(study_version_id)
+
+
+def test_requeued_study_is_handed_to_the_queue_by_the_listeners_dispatcher(
+    scenario_db: Filled, engine_of: Engine
+) -> None:
+    from scp.outbox import OutboxDispatcher
+
+    uid = scenario_db.scenario.uids["failed"]
+    sender = RecordingSender()
+    dispatcher = OutboxDispatcher(engine_of, sender, retry_seconds=1.0)
+    assert dispatcher.dispatch_due() == 0  # everything was dispatched before
+    assert ctdx("studies", "requeue", uid, "--database-url", scenario_db.url).exit_code == 0
+    assert dispatcher.dispatch_due() == 1
+    version, outbox = _newest_version(engine_of, uid)
+    assert sender.sent == [version.id]
+    assert version.state == "queued" and outbox is not None and outbox.dispatched_at is not None
+
+
+def test_retried_export_is_claimed_by_the_report_sender(
+    scenario_db: Filled, engine_of: Engine, tmp_path: Path
+) -> None:
+    from worker.report.outbox import claim_due
+
+    export_id = scenario_db.scenario.exports["dead"]
+    settings = load_settings(data_dir=tmp_path)
+    ids = [export_id]
+    assert claim_due(engine_of, settings, utcnow(), ids=ids) == []  # dead: never claimed
+    retried = ctdx("exports", "retry", str(export_id), "--database-url", scenario_db.url)
+    assert retried.exit_code == 0
+    (claimed,) = claim_due(engine_of, settings, utcnow(), ids=ids)
+    assert claimed.id == export_id and claimed.attempts == 1  # a fresh schedule
+    # now claimed: a second retry would race the sender, and is refused
+    again = ctdx("exports", "retry", str(export_id), "--database-url", scenario_db.url)
+    assert again.exit_code == 5 and "being sent right now" in flat(again.stderr)
