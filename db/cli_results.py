@@ -31,6 +31,7 @@ from db.cli_dates import BadDate, parse_period
 from db.cli_output import ListFormat, make_console, write_csv, write_json
 from db.models import ExportState, VersionState
 from db.session import session_scope
+from model_train.method.classes import RECOGNITION_CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +93,21 @@ StatusOption = typer.Option(
     help="Only studies in this state: receiving, complete (waiting for the queue), "
     "queued, processing, analysed or failed.",
 )
+
+
+def _decision(value: str | None) -> str | None:
+    """The study calls of the method (``model_train.method.classes``); a typo is an error."""
+    if value is None:
+        return None
+    call = value.strip().lower()
+    if call not in RECOGNITION_CLASSES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(RECOGNITION_CLASSES)}")
+    return call
+
+
 DecisionOption = typer.Option(
-    None, "--decision", metavar="CALL",
-    help="Only this study call: covid19, other_pneumonia or normal.",
+    None, "--decision", metavar="CALL", callback=_decision,
+    help=f"Only this study call: {', '.join(RECOGNITION_CLASSES)}.",
 )
 CallingAeOption = typer.Option(
     None, "--calling-ae", metavar="AE", help="Only studies sent by this calling AE title."

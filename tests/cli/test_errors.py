@@ -173,3 +173,12 @@ def test_installed_script_prints_one_line_errors(tmp_path: Path, sqlite_url: str
         assert message in " ".join(done.stderr.split()), (args, done.stderr)
         assert "Traceback" not in done.stderr and done.stdout == ""
     assert not (tmp_path / "data").exists()
+
+
+def test_unknown_decision_is_a_usage_error(filled: Filled) -> None:
+    result = ctdx("results", "list", "--decision", "covid-19", "--database-url", filled.url)
+    assert result.exit_code == 2
+    assert "'covid-19' is not one of covid19, other_pneumonia, normal" in flat(result.stderr)
+    upper = ctdx("results", "list", "--decision", "COVID19", "-f", "json",
+                 "--database-url", filled.url)
+    assert upper.exit_code == 0 and '"decision": "covid19"' in upper.stdout
