@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -27,38 +28,61 @@ logger = logging.getLogger(__name__)
 
 
 def scp(
-    port: int | None = typer.Option(None, "--port", help="TCP port (CTDX_PORT, default 11112)."),
-    host: str | None = typer.Option(None, "--host", help="Bind address (CTDX_HOST)."),
-    ae_title: str | None = typer.Option(None, "--ae-title", help="Our AE title (CTDX_AE_TITLE)."),
-    data_dir: Path | None = typer.Option(
-        None, "--data-dir", help="Spool and default database folder (CTDX_DATA_DIR)."
-    ),
-    database_url: str | None = typer.Option(
-        None, "--database-url", help="SQLAlchemy URL (CTDX_DATABASE_URL).", show_default=False
-    ),
-    broker_url: str | None = typer.Option(
-        None, "--broker-url", help="Celery broker (CTDX_BROKER_URL).", show_default=False
-    ),
-    quiet_seconds: float | None = typer.Option(
-        None, "--quiet-seconds", help="Quiet period that completes a study (CTDX_QUIET_SECONDS)."
-    ),
-    allowed_calling_aes: str | None = typer.Option(
-        None,
-        "--allowed-calling-aes",
-        help="Comma-separated calling AE titles allowed; `*` = any (CTDX_ALLOWED_CALLING_AES).",
-    ),
-    processes: int | None = typer.Option(
-        None, "--processes", help="Listener processes sharing the port (CTDX_LISTENER_PROCESSES)."
-    ),
-    max_associations: int | None = typer.Option(
-        None, "--max-associations", help="Per process (CTDX_MAX_ASSOCIATIONS)."
-    ),
-    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate (CTDX_TLS_CERT)."),
-    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM key (CTDX_TLS_KEY)."),
-    tls_ca: Path | None = typer.Option(
-        None, "--tls-ca", help="CA bundle; requires client certificates (CTDX_TLS_CA)."
-    ),
-    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    port: Annotated[
+        int | None, typer.Option("--port", help="TCP port (CTDX_PORT, default 11112).")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Bind address (CTDX_HOST).")] = None,
+    ae_title: Annotated[
+        str | None, typer.Option("--ae-title", help="Our AE title (CTDX_AE_TITLE).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Spool and default database folder (CTDX_DATA_DIR)."),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="SQLAlchemy URL (CTDX_DATABASE_URL).",
+                     show_default=False),
+    ] = None,
+    broker_url: Annotated[
+        str | None,
+        typer.Option("--broker-url", help="Celery broker (CTDX_BROKER_URL).", show_default=False),
+    ] = None,
+    quiet_seconds: Annotated[
+        float | None,
+        typer.Option("--quiet-seconds",
+                     help="Quiet period that completes a study (CTDX_QUIET_SECONDS)."),
+    ] = None,
+    allowed_calling_aes: Annotated[
+        str | None,
+        typer.Option(
+            "--allowed-calling-aes",
+            help="Comma-separated calling AE titles allowed; `*` = any "
+            "(CTDX_ALLOWED_CALLING_AES).",
+        ),
+    ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option("--processes",
+                     help="Listener processes sharing the port (CTDX_LISTENER_PROCESSES)."),
+    ] = None,
+    max_associations: Annotated[
+        int | None,
+        typer.Option("--max-associations", help="Per process (CTDX_MAX_ASSOCIATIONS)."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="PEM certificate (CTDX_TLS_CERT).")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="PEM key (CTDX_TLS_KEY).")
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option("--tls-ca", help="CA bundle; requires client certificates (CTDX_TLS_CA)."),
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+    ] = "INFO",
 ) -> None:
     """Receive CT studies (C-STORE, MPPS), store them durably, queue complete ones."""
     from db.logs import configure_logging

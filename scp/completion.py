@@ -154,7 +154,9 @@ def complete_mpps_step(session: Session, step_id: int, now: datetime) -> list[in
     if not referenced:
         # a step that names no instance cannot say a study is whole: the quiet period decides
         session.execute(update(_STEPS).where(_STEPS.c.id == step_id).values(applied_at=now))
-        logger.info("MPPS step id %d names no instances; completion left to the quiet period", step_id)
+        logger.info(
+            "MPPS step id %d names no instances; completion left to the quiet period", step_id
+        )
         return []
     versions: set[int] = set()
     found = 0

@@ -135,9 +135,9 @@ def handle_mpps_create(event: Event, ctx: ListenerContext) -> tuple[int | Datase
             mpps.create_step(session, uid, report, utcnow())
     except Rejected as exc:
         return _mpps_refused("N-CREATE", event, uid, exc), None
-    except IntegrityError:
-        exc = Rejected(Status.DUPLICATE_SOP_INSTANCE, "MPPS instance already exists")
-        return _mpps_refused("N-CREATE", event, uid, exc), None
+    except IntegrityError:  # a concurrent N-CREATE of the same step won the race
+        duplicate = Rejected(Status.DUPLICATE_SOP_INSTANCE, "MPPS instance already exists")
+        return _mpps_refused("N-CREATE", event, uid, duplicate), None
     except SQLAlchemyError as exc:
         return _mpps_database_error("N-CREATE", event, uid, exc), None
     logger.info("MPPS %s created by %s (%s)", uid, _calling_ae(event.assoc), report.status)
@@ -196,7 +196,8 @@ def handle_accepted(event: Event, ctx: ListenerContext) -> None:
 
 def handle_rejected(event: Event) -> None:
     primitive: Any = event.assoc.acceptor.primitive
-    key = (getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
+    key = (int(getattr(primitive, "result_source", 0) or 0),
+           int(getattr(primitive, "diagnostic", 0) or 0))
     logger.warning(
         "association from %s at %s rejected: %s", _calling_ae(event.assoc),
         event.assoc.requestor.address, _REJECT_REASONS.get(key, f"source/reason {key}"),

@@ -113,7 +113,8 @@ class _Image:
     def native_length(self) -> int:
         if self.bits_allocated == 1:
             return (self.rows * self.columns * self.samples * self.frames + 7) // 8
-        return self.rows * self.columns * self.samples * self.frames * ((self.bits_allocated + 7) // 8)
+        bytes_per_sample = (self.bits_allocated + 7) // 8
+        return self.rows * self.columns * self.samples * self.frames * bytes_per_sample
 
 
 class _Values:
@@ -132,7 +133,8 @@ class _Values:
             return None
         if tag in (_PATIENT_NAME, _STUDY_DESCRIPTION, _SERIES_DESCRIPTION, _PATIENT_ID,
                    _ACCESSION_NUMBER):
-            text = decode_bytes(value, self.encodings, _PN_DELIMITERS if tag == _PATIENT_NAME else set())
+            delimiters = _PN_DELIMITERS if tag == _PATIENT_NAME else set()
+            text = decode_bytes(value, self.encodings, delimiters)
         else:
             text = value.decode("ascii", errors="replace")
         text = text.strip("\x00 ")
@@ -237,7 +239,9 @@ def _read_deflated(fp: IO[bytes]) -> tuple[_Values, _PixelCheck]:
         pixel_length = len(ds.PixelData) if "PixelData" in ds else None
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
             struct.error) as exc:
-        raise Rejected(Status.CANNOT_PARSE, f"data set cannot be parsed ({type(exc).__name__})") from exc
+        raise Rejected(
+            Status.CANNOT_PARSE, f"data set cannot be parsed ({type(exc).__name__})"
+        ) from exc
 
     def check(image: _Image) -> None:
         if pixel_length is None:
@@ -267,10 +271,13 @@ def _identity(values: _Values, sop_class_uid: str, sop_instance_uid: str) -> tup
         try:
             found.append(validate_uid(values.uid(tag), keyword))
         except InvalidUid as exc:
-            status = Status.MISSING_UID if exc.problem in ("is missing", "is empty") else Status.INVALID_UID
+            missing = exc.problem in ("is missing", "is empty")
+            status = Status.MISSING_UID if missing else Status.INVALID_UID
             raise Rejected(status, str(exc)) from exc
     if found[2] != sop_instance_uid:
-        raise Rejected(Status.SOP_INSTANCE_MISMATCH, "SOPInstanceUID differs from the C-STORE command's")
+        raise Rejected(
+            Status.SOP_INSTANCE_MISMATCH, "SOPInstanceUID differs from the C-STORE command's"
+        )
     data_set_class = values.uid(_SOP_CLASS_UID)
     if data_set_class is not None and data_set_class.rstrip("\x00 ") != sop_class_uid:
         raise Rejected(Status.NOT_CT, "SOPClassUID differs from the C-STORE command's")

@@ -24,7 +24,15 @@ from scp.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMPLETED", "DISCONTINUED", "IN_PROGRESS", "StepReport", "create_step", "parse_step", "set_step"]
+__all__ = [
+    "COMPLETED",
+    "DISCONTINUED",
+    "IN_PROGRESS",
+    "StepReport",
+    "create_step",
+    "parse_step",
+    "set_step",
+]
 
 IN_PROGRESS = "IN PROGRESS"
 COMPLETED = "COMPLETED"
@@ -113,7 +121,9 @@ def set_step(session: Session, sop_instance_uid: str, report: StepReport, now: d
     if step is None:
         raise Rejected(Status.NO_SUCH_SOP_INSTANCE, "no such MPPS instance")
     if step.status in _FINAL:
-        raise Rejected(Status.PROCESSING_FAILURE, f"step is {step.status}; it may no longer be updated")
+        raise Rejected(
+            Status.PROCESSING_FAILURE, f"step is {step.status}; it may no longer be updated"
+        )
     if report.status is not None:
         step.status = report.status
     if report.study_instance_uid is not None:

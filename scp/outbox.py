@@ -130,6 +130,7 @@ class OutboxDispatcher:
         self.engine = engine
         self.sender = sender
         self.retry_seconds = retry_seconds
+        self._broker_down = False  # log the outage once, not at every retry
 
     def dispatch_due(self) -> int:
         """Send every due row; stop at the first broker failure. Returns how many were sent."""
@@ -142,12 +143,18 @@ class OutboxDispatcher:
             except BrokerUnavailable as exc:
                 now = utcnow()
                 with session_scope(self.engine) as session:
-                    mark_failed(session, entry, str(exc), now + timedelta(seconds=self.retry_seconds))
-                logger.warning(
+                    retry_at = now + timedelta(seconds=self.retry_seconds)
+                    mark_failed(session, entry, str(exc), retry_at)
+                log = logger.debug if self._broker_down else logger.warning
+                log(
                     "broker unavailable, study version id %d stays in the outbox (attempt %d): %s",
                     entry.study_version_id, entry.attempts + 1, exc,
                 )
+                self._broker_down = True
                 break
+            if self._broker_down:
+                logger.info("broker reachable again; sending the outbox")
+                self._broker_down = False
             with session_scope(self.engine) as session:
                 mark_dispatched(session, entry, utcnow())
             logger.info("study version id %d handed to the queue", entry.study_version_id)

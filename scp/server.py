@@ -19,7 +19,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import ssl
 import threading
 import time
@@ -154,7 +153,7 @@ class Listener:
         silence_identifier_logging()
         self.spool.prepare()
         stream_received_data_sets_to(self.spool.incoming)
-        server = self.ae.make_server(
+        server: ListenerServer = self.ae.make_server(  # type: ignore[assignment]
             (self.settings.host, self.settings.port),
             ae_title=self.settings.ae_title,
             ssl_context=tls_context(self.settings),
@@ -171,7 +170,7 @@ class Listener:
         logger.info(
             "listening on %s:%d as %s (TLS %s, calling AEs %s)",
             self.settings.host, self.port, self.settings.ae_title,
-            "on" if self._server.ssl_context else "off", ",".join(self.settings.allowed_calling_aes),
+            "on" if server.ssl_context else "off", ",".join(self.settings.allowed_calling_aes),
         )
 
     def stop(self) -> None:
@@ -217,7 +216,8 @@ class Housekeeper:
         if not self.primary:
             return 0
         if clock - self._last_sweep >= SWEEP_SECONDS:
-            self.listener.spool.clear_incoming(older_than_seconds=2 * self.settings.network_timeout + 60)
+            stale = 2 * self.settings.network_timeout + 60  # no live transfer is idle that long
+            self.listener.spool.clear_incoming(older_than_seconds=stale)
             self._last_sweep = clock
         completed = self._complete()
         if completed:
@@ -395,7 +395,8 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     require_head(engine)
     recover(settings, engine)
     multi = settings.listener_processes > 1
-    children: list[multiprocessing.process.BaseProcess] = []
+    spawn = multiprocessing.get_context("spawn")
+    children: list[Any] = []
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
     }
@@ -403,7 +404,6 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     try:
         service.start()
         if multi:
-            spawn = multiprocessing.get_context("spawn")
             for index in range(1, settings.listener_processes):
                 child = spawn.Process(
                     target=_secondary_main, args=(settings, os.getpid(), index),
@@ -416,7 +416,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
                 if not child.is_alive():
                     logger.error("listener process %s exited (%s); restarting", child.name,
                                  child.exitcode)
-                    replacement = multiprocessing.get_context("spawn").Process(
+                    replacement = spawn.Process(
                         target=_secondary_main, args=(settings, os.getpid(), i + 1),
                         name=child.name, daemon=False,
                     )

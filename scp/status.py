@@ -32,7 +32,7 @@ class Status(IntEnum):
     INVALID_UID = 0xC221  # a UID that is not a valid UID (e.g. holds "/" or "..")
     # general (PS3.7 Annex C)
     PROCESSING_FAILURE = 0x0110  # MPPS: the step is COMPLETED/DISCONTINUED and may not change
-    DUPLICATE_SOP_INSTANCE = 0x0111  # different bytes under a stored SOP Instance UID; N-CREATE again
+    DUPLICATE_SOP_INSTANCE = 0x0111  # C-STORE: other bytes under a stored UID; N-CREATE again
     NO_SUCH_SOP_INSTANCE = 0x0112  # N-SET of an MPPS that was never created
     INVALID_ATTRIBUTE_VALUE = 0x0106  # MPPS status value not allowed here
     MISSING_ATTRIBUTE = 0x0120  # MPPS N-CREATE without Performed Procedure Step Status

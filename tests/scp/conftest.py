@@ -225,7 +225,9 @@ def send_files(port: int, paths: Sequence[Path], transfer_syntax: str | None = N
     return statuses
 
 
-def send_datasets(port: int, datasets: Sequence[Dataset], ae_title: str = "TESTSCU") -> list[Dataset]:
+def send_datasets(
+    port: int, datasets: Sequence[Dataset], ae_title: str = "TESTSCU"
+) -> list[Dataset]:
     """C-STORE datasets built in the test (encoded by pynetdicom); the full responses."""
     responses = []
     with associate(port, ae_title=ae_title) as assoc:

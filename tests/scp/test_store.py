@@ -65,7 +65,8 @@ def test_series_is_stored_durably_once_with_its_rows(scp: Running, tmp_path: Pat
     assert scp.incoming_files() == []
 
     # the quiet period completes the version and the outbox hands it over
-    wait_for(lambda: scp.sender.sent, timeout=20, message="study handed to the queue")
+    wait_for(lambda: scp.versions()[0].state == VersionState.QUEUED, timeout=20,
+             message="study handed to the queue")
     (version,) = scp.versions()
     assert version.instance_count == 5
     assert version.completion_reason == "quiet"
