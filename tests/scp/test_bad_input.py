@@ -14,7 +14,15 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, MRImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from tests.scp.conftest import Running, associate, chunked_send, phantom, send_files, status_of
+from tests.scp.conftest import (
+    Running,
+    associate,
+    chunked_send,
+    phantom,
+    send_files,
+    status_of,
+    wait_for,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
@@ -190,5 +198,8 @@ def test_association_limit(start_scp_sqlite: Callable[..., Running]) -> None:
         with associate(scp.port) as second:
             assert second.is_rejected
             assert second.acceptor.primitive.diagnostic == 0x02  # local limit exceeded
+    server = scp.service.listener._server
+    assert server is not None
+    wait_for(lambda: not server.active_associations, timeout=10, message="both threads ended")
     with associate(scp.port) as third:
         assert third.is_established
