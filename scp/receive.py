@@ -20,6 +20,7 @@ import ctypes.util
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,7 +28,7 @@ from pynetdicom import _config, dimse_messages
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEMP_PREFIX", "stream_received_data_sets_to"]
+__all__ = ["TEMP_PREFIX", "stop_streaming", "stream_received_data_sets_to"]
 
 TEMP_PREFIX = "rx-"
 _SYNC_FILE_RANGE_WRITE = 2
@@ -74,13 +75,37 @@ def _temporary_file_in(incoming: Path) -> Any:
     return factory
 
 
+_lock = threading.Lock()
+_users = 0
+_saved: tuple[bool, Any] | None = None
+
+
 def stream_received_data_sets_to(incoming: Path) -> None:
     """Make pynetdicom stream every received C-STORE data set into a file in ``incoming``.
 
-    Process-wide (pynetdicom's switch is a module global): a listener process
-    has one spool.
+    Process-wide (pynetdicom's switch is a module global). Counted: the last
+    :func:`stop_streaming` restores pynetdicom's defaults, so other pynetdicom
+    receivers in the same process (tests, the demo PACS) are left as they were.
     """
+    global _users, _saved
     if not hasattr(dimse_messages, "NamedTemporaryFile"):
         raise RuntimeError("this pynetdicom does not stream data sets to temporary files")
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    setattr(dimse_messages, "NamedTemporaryFile", _temporary_file_in(incoming))  # noqa: B010
+    with _lock:
+        if _users == 0:
+            _saved = (_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile)
+        _users += 1
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        setattr(dimse_messages, "NamedTemporaryFile", _temporary_file_in(incoming))  # noqa: B010
+
+
+def stop_streaming() -> None:
+    """Undo one :func:`stream_received_data_sets_to`."""
+    global _users, _saved
+    with _lock:
+        if _users == 0:
+            return
+        _users -= 1
+        if _users == 0 and _saved is not None:
+            _config.STORE_RECV_CHUNKED_DATASET = _saved[0]
+            setattr(dimse_messages, "NamedTemporaryFile", _saved[1])  # noqa: B010
+            _saved = None

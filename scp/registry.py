@@ -1,7 +1,9 @@
 """Database writes of the listener: study, version, series, instance and lease rows.
 
 One short transaction per received instance. Functions take the caller's
-:class:`~sqlalchemy.orm.Session` and never commit. They use ``INSERT ... ON
+:class:`~sqlalchemy.orm.Session` or, on the C-STORE hot path, a Core
+:class:`~sqlalchemy.engine.Connection` (no ORM unit of work to pay for: these
+are Core statements), and never commit. They use ``INSERT ... ON
 CONFLICT DO NOTHING`` (SQLite and PostgreSQL) so that a race between two
 associations, or two listener processes, never aborts the transaction: the
 loser simply reads the winner's row.
@@ -24,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -107,16 +110,31 @@ class RegistryCache:
                 self._versions.clear()
 
 
+Executor = Session | Connection
+
+
+def _dialect_name(executor: Executor) -> str:
+    if isinstance(executor, Connection):
+        return executor.dialect.name
+    return executor.get_bind().dialect.name
+
+
+def _connection(executor: Executor) -> Connection:
+    return executor if isinstance(executor, Connection) else executor.connection()
+
+
 _INSERT_IGNORE_CACHE: dict[tuple[str, str, tuple[str, ...]], Any] = {}
 
 
-def _insert_ignore(session: Session, table: Table, values: dict[str, Any], keys: list[str]) -> Any:
+def _insert_ignore(
+    session: Executor, table: Table, values: dict[str, Any], keys: list[str]
+) -> Any:
     """``INSERT ... ON CONFLICT (keys) DO NOTHING RETURNING id``; the new id or ``None``.
 
     The statement is built once per table and dialect (values are bound
     parameters), which keeps SQLAlchemy's per-call work small on the hot path.
     """
-    dialect = session.get_bind().dialect.name
+    dialect = _dialect_name(session)
     cache_key = (dialect, table.name, tuple(keys))
     stmt = _INSERT_IGNORE_CACHE.get(cache_key)
     if stmt is None:
@@ -128,10 +146,10 @@ def _insert_ignore(session: Session, table: Table, values: dict[str, Any], keys:
             raise RuntimeError(f"unsupported database backend {dialect}")
         stmt = stmt.returning(table.c.id)
         _INSERT_IGNORE_CACHE[cache_key] = stmt
-    return session.connection().execute(stmt, values).scalar_one_or_none()
+    return _connection(session).execute(stmt, values).scalar_one_or_none()
 
 
-def _study_id(session: Session, header: InstanceHeader) -> int:
+def _study_id(session: Executor, header: InstanceHeader) -> int:
     facts = header.study
     new_id = _insert_ignore(
         session,
@@ -155,7 +173,7 @@ def _study_id(session: Session, header: InstanceHeader) -> int:
     )
 
 
-def _series_id(session: Session, study_id: int, header: InstanceHeader) -> int:
+def _series_id(session: Executor, study_id: int, header: InstanceHeader) -> int:
     facts = header.series
     new_id = _insert_ignore(
         session,
@@ -190,14 +208,14 @@ _BUMP = (
 )
 
 
-def _bump(session: Session, version_id: int, now: datetime) -> bool:
+def _bump(session: Executor, version_id: int, now: datetime) -> bool:
     """Count one more instance in an open version; ``False`` when it is no longer receiving."""
-    result = session.connection().execute(_BUMP, {"version_id": version_id, "now": now})
+    result = _connection(session).execute(_BUMP, {"version_id": version_id, "now": now})
     return bool(result.rowcount)
 
 
 def _open_version(
-    session: Session, study_id: int, calling_ae_title: str | None, now: datetime
+    session: Executor, study_id: int, calling_ae_title: str | None, now: datetime
 ) -> tuple[int, int]:
     """The study's receiving version (counting this instance), opening n+1 when none is open."""
     for _ in range(5):
@@ -236,7 +254,7 @@ def _open_version(
 
 
 def record_instance(
-    session: Session,
+    session: Executor,
     header: InstanceHeader,
     relative_path: str,
     sealed: Sealed,
@@ -299,7 +317,7 @@ def record_instance(
     return Resolved(study_id, series_id, version_id, number, lease_added)
 
 
-def stored_instance(session: Session, sop_instance_uid: str) -> StoredInstance | None:
+def stored_instance(session: Executor, sop_instance_uid: str) -> StoredInstance | None:
     """What is already stored under a SOP Instance UID."""
     row = session.execute(
         select(_INSTANCES.c.study_version_id, _INSTANCES.c.sha256, _INSTANCES.c.path).where(
@@ -311,7 +329,7 @@ def stored_instance(session: Session, sop_instance_uid: str) -> StoredInstance |
     return StoredInstance(int(row.study_version_id), str(row.sha256), str(row.path))
 
 
-def renew_leases(session: Session, holders: list[str], expires_at: datetime) -> None:
+def renew_leases(session: Executor, holders: list[str], expires_at: datetime) -> None:
     """Keep the leases of live associations from expiring (called by each process's heartbeat)."""
     if holders:
         session.execute(
@@ -319,7 +337,7 @@ def renew_leases(session: Session, holders: list[str], expires_at: datetime) -> 
         )
 
 
-def delete_leases(session: Session, holder: str) -> None:
+def delete_leases(session: Executor, holder: str) -> None:
     """An association ended: it no longer holds its versions open."""
     session.execute(delete(_LEASES).where(_LEASES.c.holder == holder))
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pydicom.config
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -53,7 +54,7 @@ from db.settings import Settings
 from scp import completion, registry
 from scp.handlers import Associations, ListenerContext, event_handlers
 from scp.outbox import CelerySender, OutboxDispatcher, Sender
-from scp.receive import stream_received_data_sets_to
+from scp.receive import stop_streaming, stream_received_data_sets_to
 from scp.spool import Spool
 from scp.store import InstanceStore
 from scp.transport import ListenerServer
@@ -182,6 +183,7 @@ class Listener:
             assoc.abort()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        stop_streaming()
 
 
 class Housekeeper:
@@ -375,6 +377,7 @@ def _secondary_main(settings: Settings, parent_pid: int, index: int) -> None:
     from db.logs import configure_logging
 
     configure_logging()
+    configure_process()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -386,8 +389,23 @@ def _secondary_main(settings: Settings, parent_pid: int, index: int) -> None:
                 break
 
 
+def configure_process() -> None:
+    """Process-wide switches of a listener process (``ctdx scp`` and its secondaries).
+
+    pydicom only decodes and encodes DIMSE command sets here (data sets are read
+    by :mod:`scp.header_scan`, never re-encoded); checking every command element
+    against its VR's regular expression was a sixth of the listener's CPU per
+    instance. Only set in listener processes: other code in a process (tests,
+    the report builder) keeps pydicom's validation.
+    """
+    silence_identifier_logging()
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+
+
 def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run the listener until SIGTERM/SIGINT (or ``stop``): what ``ctdx scp`` does."""
+    configure_process()
     stop = stop or threading.Event()
     engine = make_engine(
         settings.resolved_database_url, pool_size=settings.max_associations + 4, max_overflow=8

@@ -26,8 +26,9 @@ from enum import Enum
 from pathlib import Path
 
 from sqlalchemy import Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from db.models import utcnow
 from scp import registry
@@ -101,8 +102,8 @@ class InstanceStore:
         except OSError as exc:
             raise _storage_failure(exc, "instance could not be written to the spool") from exc
         try:
-            with self._sessions.begin() as session:
-                resolved = self._record(session, header, relative, sealed, lease)
+            with self.engine.begin() as connection:
+                resolved = self._record(connection, header, relative, sealed, lease)
                 if not linked:  # a file is there already: replace it only once claimed
                     self.spool.place(received, relative)
         except registry.DuplicateInstance:
@@ -127,7 +128,7 @@ class InstanceStore:
 
     def _record(
         self,
-        session: Session,
+        session: Connection,
         header: InstanceHeader,
         relative: str,
         sealed: Sealed,
