@@ -1,0 +1,271 @@
+"""The synthetic demonstration models: what ``ctdx demo`` runs when no model is configured.
+
+**Not for clinical use.** They are trained in well under a minute on 2 CPU cores,
+from scratch (unpretrained), on synthetic chest phantoms (:mod:`model_train.phantom`),
+so that the whole product can be tried on a fresh machine without patient data
+or downloaded weights. Their names say so (``model_name`` carries
+:data:`DEMO_NOTICE`, which the worker's SR and the CLI show).
+
+- Recognition: ResNet50 (the paper's serving network), 3 classes, trained on
+  phantom slices of COVID-19, other pneumonia and normal chests (lesion slices
+  of the pneumonia phantoms; every slice of the normal ones), through the
+  shared segmentation and preprocessing, at a reduced network input size
+  (:attr:`DemoSettings.size`, stored in the checkpoint's preprocessing
+  parameters, which the worker applies), a few epochs.
+- Manifestations: ResNet18 on synthetic ground-glass / consolidation / fibrotic
+  streak slices (:func:`model_train.synthetic.write_manifestation_set`'s images).
+
+The pair is cached under ``<cache_dir>/demo-<key>/``, ``key`` hashing the
+settings, the method version and the checkpoint format, so a second call is
+instant and a change of method retrains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model_train.cache import prepare_slices
+from model_train.data import SliceSet
+from model_train.method.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointMeta,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
+from model_train.method.classes import METHOD_VERSION, RECOGNITION_CLASSES, Task, classes_for
+from model_train.method.networks import build_resnet
+from model_train.method.preprocess import (
+    AugmentParams,
+    PreprocessParams,
+    gray_from_uint8,
+    to_network_input,
+)
+from model_train.phantom import PHANTOM_KINDS, phantom_volume
+from model_train.sources import MIN_HU, LoadedSlice
+from model_train.train import epoch_generator, evaluate, train_one_epoch
+
+logger = logging.getLogger(__name__)
+
+DEMO_NOTICE = "synthetic demonstration model — not for clinical use"
+RECOGNITION_NAME = f"ctdx demo ResNet50 recognition ({DEMO_NOTICE})"
+MANIFESTATION_NAME = f"ctdx demo ResNet18 manifestations ({DEMO_NOTICE})"
+DEMO_VERSION = "demo-1"
+_CODE_REVISION = 1  # bump when the training recipe below changes
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The reduced recipe (the paper's is 224 px, 50 epochs, real data)."""
+
+    size: int = 64
+    phantom_size: int = 128
+    subjects_per_class: int = 4
+    n_slices: int = 20
+    epochs: int = 6
+    batch_size: int = 16
+    lr: float = 1e-3
+    manifestation_per_class: int = 12
+    manifestation_epochs: int = 4
+    min_lung_fraction: float = 0.02
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoModelPaths:
+    recognition: Path
+    manifestation: Path | None
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ctdx"
+
+
+def demo_key(settings: DemoSettings) -> str:
+    ident = {"settings": asdict(settings), "method": METHOD_VERSION, "format": FORMAT_VERSION,
+             "revision": _CODE_REVISION}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def _slice_set(gray: np.ndarray, labels: list[int]) -> SliceSet:
+    n = len(labels)
+    names = tuple(f"synthetic-{i}" for i in range(n))
+    return SliceSet(torch.from_numpy(gray).unsqueeze(1), torch.tensor(labels, dtype=torch.int64),
+                    names, names, names)
+
+
+def recognition_data(s: DemoSettings, params: PreprocessParams) -> SliceSet:
+    """Phantom slices of every class through the shared segmentation and preprocessing."""
+    spacing = 350.0 / s.phantom_size  # the phantom's PixelSpacing
+    slices: list[LoadedSlice] = []
+    labels: list[int] = []
+    for ci, kind in enumerate(PHANTOM_KINDS):
+        for j in range(s.subjects_per_class):
+            volume = phantom_volume(kind, n_slices=s.n_slices, size=s.phantom_size,
+                                    seed=1_000 + s.seed * 100 + ci * 10 + j)
+            for sl in volume:
+                if kind != "normal" and not sl.lesion:
+                    continue  # the lesion_only slice policy (docs/training.md)
+                hu = np.maximum(sl.hu.astype(np.float32), MIN_HU)
+                slices.append(LoadedSlice(hu, spacing))
+                labels.append(RECOGNITION_CLASSES.index(kind))
+    prepared = prepare_slices(slices, params)
+    keep = [i for i, (_, f) in enumerate(prepared) if f >= s.min_lung_fraction]
+    gray = np.stack([prepared[i][0] for i in keep])
+    return _slice_set(gray, [labels[i] for i in keep])
+
+
+def manifestation_data(s: DemoSettings, params: PreprocessParams, work: Path) -> SliceSet:
+    """Synthetic manifestation slices, imported like MedSeg (8-bit, rotated, cropped)."""
+    from model_train.importers.medseg import import_medseg
+    from model_train.sources import expand_rows, load_slice
+    from model_train.synthetic import write_manifestation_set
+
+    root = write_manifestation_set(work / "manifestations", per_class=s.manifestation_per_class,
+                                   size=s.phantom_size, seed=s.seed)
+    rows = import_medseg(root)
+    sources = expand_rows(rows)
+    prepared = prepare_slices([load_slice(src) for src in sources], params)
+    classes = classes_for("manifestation")
+    gray = np.stack([g for g, _ in prepared])
+    return _slice_set(gray, [classes.index(str(rows[src.row].manifestation))
+                             for src in sources])
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+def _train(model: nn.Module, data: SliceSet, params: PreprocessParams, epochs: int,
+           s: DemoSettings, what: str) -> None:
+    torch.manual_seed(s.seed)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
+    criterion = nn.CrossEntropyLoss()
+    device = torch.device("cpu")
+    for epoch in range(epochs):
+        stats = train_one_epoch(model, criterion, optimizer, data, params, AugmentParams(),
+                                device, s.batch_size, epoch_generator(s.seed, epoch),
+                                amp=False, channels_last=True)
+        logger.info("demo %s epoch %d: loss %.3f acc %.3f (%.0f img/s)", what, epoch,
+                    stats.loss, stats.accuracy, stats.images_per_second)
+    recalibrate_batchnorm(model, data, params, s.batch_size)
+    ev = evaluate(model, criterion, data, params, device, s.batch_size, amp=False)
+    logger.info("demo %s: accuracy on its training slices in eval mode %.3f", what, ev.accuracy)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data: SliceSet, params: PreprocessParams,
+                          batch_size: int) -> None:
+    """Replace BatchNorm running statistics by their exact average over ``data``.
+
+    A few dozen optimisation steps leave the running averages (momentum 0.1) far
+    from the statistics the final weights produce, and an eval-mode network then
+    calls nearly everything one class. One forward pass in train mode with a
+    cumulative average (``momentum=None``) fixes that without changing a weight.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i in range(0, len(data), batch_size):
+        x = to_network_input(gray_from_uint8(data.gray[i : i + batch_size], params), params)
+        model(x.contiguous(memory_format=torch.channels_last))
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    model.eval()
+
+
+def _save(path: Path, model: nn.Module, task: Task, arch: str, name: str,
+          params: PreprocessParams, summary: dict[str, object]) -> None:
+    meta = CheckpointMeta.new(task=task, arch=arch, model_name=name,  # type: ignore[arg-type]
+                              model_version=DEMO_VERSION, training_data=summary,
+                              preprocess=params)
+    save_checkpoint(path, model, meta)
+
+
+def build_demo_models(folder: Path, s: DemoSettings = DemoSettings()) -> DemoModelPaths:
+    """Train both demonstration models into ``folder`` (no cache check)."""
+    start = time.perf_counter()
+    torch.manual_seed(s.seed)
+    params = PreprocessParams(size=s.size)
+    key = demo_key(s)
+    common = {"synthetic": True, "notice": DEMO_NOTICE, "demo_key": key,
+              "source": "model_train.phantom / model_train.synthetic (no patient data)",
+              "recipe": asdict(s)}
+    rec_data = recognition_data(s, params)
+    rec = build_resnet("resnet50", num_classes=3)
+    _train(rec, rec_data, params, s.epochs, s, "recognition")
+    with tempfile.TemporaryDirectory(prefix="ctdx-demo-") as tmp:
+        man_data = manifestation_data(s, params, Path(tmp))
+    man = build_resnet("resnet18", num_classes=3)
+    _train(man, man_data, params, s.manifestation_epochs, s, "manifestation")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = DemoModelPaths(folder / "recognition.pt", folder / "manifestation.pt")
+    _save(paths.recognition, rec, "recognition", "resnet50", RECOGNITION_NAME, params,
+          {**common, "slices_per_class": rec_data.class_counts(classes_for("recognition"))})
+    assert paths.manifestation is not None
+    _save(paths.manifestation, man, "manifestation", "resnet18", MANIFESTATION_NAME, params,
+          {**common, "slices_per_class": man_data.class_counts(classes_for("manifestation"))})
+    logger.info("demo models trained in %.1f s", time.perf_counter() - start)
+    return paths
+
+
+def _valid(path: Path, key: str) -> bool:
+    try:
+        meta = read_checkpoint_meta(path)
+    except CheckpointError:
+        return False
+    return meta.method_version == METHOD_VERSION and meta.training_data.get("demo_key") == key
+
+
+def ensure_demo_models(cache_dir: Path | None = None,
+                       settings: DemoSettings = DemoSettings()) -> DemoModelPaths:
+    """The cached demonstration models, trained first if absent or stale."""
+    key = demo_key(settings)
+    folder = (cache_dir or default_cache_dir()) / f"demo-{key}"
+    paths = DemoModelPaths(folder / "recognition.pt", folder / "manifestation.pt")
+    assert paths.manifestation is not None
+    if _valid(paths.recognition, key) and _valid(paths.manifestation, key):
+        return paths
+    logger.info("training the synthetic demonstration models into %s", folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".demo-{key}-", dir=folder.parent))
+    try:
+        build_demo_models(staging, settings)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("recognition.pt", "manifestation.pt"):
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return paths
+
+
+def write_demo_model(out: Path, manifestation_out: Path | None = None,
+                     cache_dir: Path | None = None) -> DemoModelPaths:
+    """``ctdx train demo-model --out FILE``: copy the cached models to the given files."""
+    cached = ensure_demo_models(cache_dir)
+    man_out = manifestation_out or out.with_name(f"{out.stem}-manifestation{out.suffix or '.pt'}")
+    for src, dst in ((cached.recognition, out), (cached.manifestation, man_out)):
+        assert src is not None
+        if Path(dst).absolute() != src.absolute():
+            Path(dst).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    return DemoModelPaths(out, man_out)
