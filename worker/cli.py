@@ -14,9 +14,8 @@ import logging
 import threading
 
 import typer
-from sqlalchemy.exc import OperationalError
 
-from db.migrate import DatabaseNotReady, require_head
+from db.cli_common import EXIT_USAGE, UserError, open_database
 from db.session import make_engine
 from db.settings import Settings, load_settings
 
@@ -30,26 +29,13 @@ def register(app: typer.Typer) -> None:
     app.command("worker")(worker_command)
 
 
-def _user_error(message: str, code: int = 2) -> Exception:
-    from db.cli import UserError
-
-    return UserError(message, code)
-
-
 def check_ready(settings: Settings) -> None:
     """The database is at head and the recognition model loads; else a clean user error."""
-    engine = make_engine(settings.resolved_database_url)
-    try:
-        require_head(engine)
-    except DatabaseNotReady as exc:
-        raise _user_error(str(exc), code=3) from None
-    except OperationalError as exc:
-        raise _user_error(f"cannot reach the database: {exc.orig}") from None
-    finally:
-        engine.dispose()
+    with open_database(settings.database_url):
+        pass  # exists, reachable, at head (else a UserError with exit code 3)
     if settings.model is None:
-        raise _user_error(
-            "no recognition model: set CTDX_MODEL to a checkpoint (ctdx train export)"
+        raise UserError(
+            "no recognition model: set CTDX_MODEL to a checkpoint (ctdx train export)", EXIT_USAGE
         )
     from model_train.method.checkpoint import CheckpointError, load_checkpoint
 
@@ -60,7 +46,7 @@ def check_ready(settings: Settings) -> None:
         try:  # on the meta device: checks everything, computes nothing, forks safely
             load_checkpoint(path, task=task, device="meta")  # type: ignore[arg-type]
         except CheckpointError as exc:
-            raise _user_error(str(exc)) from None
+            raise UserError(f"{task} model: {exc}", EXIT_USAGE) from None
 
 
 def start_export_delivery(settings: Settings) -> threading.Event:
@@ -96,7 +82,7 @@ def worker_command(
     from db.logs import configure_logging
 
     if pool not in POOLS:
-        raise _user_error(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        raise UserError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}", EXIT_USAGE)
     configure_logging(loglevel.upper())
     settings = load_settings()
     check_ready(settings)
@@ -104,8 +90,9 @@ def worker_command(
 
     from worker.celery_app import app as celery_app
 
+    # workers coordinate through the database, not by broadcast: no gossip, no mingle
     argv = ["worker", "-Q", queues, "--concurrency", str(concurrency), "--pool", pool,
-            "--loglevel", loglevel.upper()]
+            "--loglevel", loglevel.upper(), "--without-gossip", "--without-mingle"]
     if hostname:
         argv += ["--hostname", hostname]
     try:

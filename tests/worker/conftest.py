@@ -10,6 +10,11 @@ the repository.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,7 @@ from sqlalchemy import Engine, select
 from db.models import Instance, Series, Study, StudyVersion, VersionState
 from db.session import make_engine, session_scope
 from db.settings import Settings, load_settings
+from tests.conftest import REPO_ROOT
 
 
 @dataclass(frozen=True)
@@ -118,14 +124,18 @@ class Checkpoints:
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     """Small random-weight checkpoints (fixed seed; ImageNet weights cannot be downloaded here).
 
-    ResNet18 for both tasks keeps the tests quick (the worker does not care about the
-    architecture; the benchmark times ResNet50). The recognition head is biased towards
-    COVID-19 so every analysed slice is called COVID-19 and the manifestation network runs.
+    ResNet18 on 64 x 64 inputs for both tasks keeps the tests quick (the worker takes
+    architecture and input size from the checkpoint; the benchmark times the paper's
+    ResNet50 at 224). The recognition head is biased towards COVID-19 so every analysed
+    slice is called COVID-19 and the manifestation network runs.
     """
     import torch
 
     from model_train.method.checkpoint import CheckpointMeta, save_checkpoint
     from model_train.method.networks import build_resnet
+    from model_train.method.preprocess import PreprocessParams
+
+    small = PreprocessParams(size=64)
 
     out = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
@@ -135,11 +145,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     rec_path, man_path = out / "recognition.pt", out / "manifestation.pt"
     save_checkpoint(rec_path, recognition, CheckpointMeta.new(
         "recognition", "resnet18", "test-recognition", "0.0.1",
-        training_data={"note": "random weights, tests only"},
+        training_data={"note": "random weights, tests only"}, preprocess=small,
     ))
     save_checkpoint(man_path, build_resnet("resnet18"), CheckpointMeta.new(
         "manifestation", "resnet18", "test-manifestation", "0.0.1",
-        training_data={"note": "random weights, tests only"},
+        training_data={"note": "random weights, tests only"}, preprocess=small,
     ))
     return Checkpoints(rec_path, man_path)
 
@@ -169,3 +179,72 @@ def analysis_settings(
     )
     values.update(overrides)
     return load_settings(**values)
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTDX_")}
+    for name in ("data_dir", "database_url", "broker_url", "model", "manifestation_model",
+                 "series_rules", "batch_size", "claim_timeout", "task_time_limit", "device",
+                 "min_lung_fraction"):
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"CTDX_{name.upper()}"] = str(value)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # warm shutdown
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    workers: list[WorkerProcess] = []
+
+    def _start(settings: Settings, queue: str, name: str, pool: str = "solo",
+               command: list[str] | None = None) -> WorkerProcess:
+        log = tmp_path / f"worker-{name}.log"
+        argv = command or [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
+        argv = [*argv, "-Q", queue, "--pool", pool, "--concurrency", "1",
+                "--hostname", f"{name}@%h", "--loglevel", "INFO"]
+        if command is None:
+            argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=_env(settings), stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        worker = WorkerProcess(proc, log)
+        workers.append(worker)
+        return worker
+
+    yield _start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def redis_queue(redis_url: str) -> Iterator[str]:
+    """A queue of this test's own; its keys are deleted afterwards."""
+    import redis
+
+    name = f"ctdx-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    client.delete(name, *[f"{name}\x06\x16{p}" for p in range(10)])
+    for key in client.scan_iter("_kombu.binding.*"):
+        for member in client.smembers(key):
+            if name.encode() in member:
+                client.srem(key, member)
+    client.close()

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,78 +19,9 @@ from db.models import Analysis, SliceResult, StudyVersion
 from db.session import make_engine, session_scope
 from db.settings import Settings
 from model_train.phantom import write_phantom_series
-from tests.conftest import REPO_ROOT, wait_for
-from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings
+from tests.conftest import wait_for
+from tests.worker.conftest import Checkpoints, StoredStudy, WorkerProcess, analysis_settings
 from worker.celery_app import TASK_PROCESS_STUDY, make_celery, task_id_for
-
-
-def _env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CTDX_")}
-    for name in ("data_dir", "database_url", "broker_url", "model", "manifestation_model",
-                 "series_rules", "batch_size", "claim_timeout", "task_time_limit", "device",
-                 "min_lung_fraction"):
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"CTDX_{name.upper()}"] = str(value)
-    return env
-
-
-@dataclass
-class WorkerProcess:
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-6000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # warm shutdown
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    workers: list[WorkerProcess] = []
-
-    def _start(settings: Settings, queue: str, name: str, pool: str = "solo",
-               command: list[str] | None = None) -> WorkerProcess:
-        log = tmp_path / f"worker-{name}.log"
-        argv = command or [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
-        argv = [*argv, "-Q", queue, "--pool", pool, "--concurrency", "1",
-                "--hostname", f"{name}@%h", "--loglevel", "INFO"]
-        if command is None:
-            argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
-        with log.open("wb") as fh:
-            proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=_env(settings), stdout=fh,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        worker = WorkerProcess(proc, log)
-        workers.append(worker)
-        return worker
-
-    yield _start
-    for worker in workers:
-        worker.stop()
-
-
-@pytest.fixture
-def redis_queue(redis_url: str) -> Iterator[str]:
-    """A queue of this test's own; its keys are deleted afterwards."""
-    import redis
-
-    name = f"ctdx-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    client = redis.Redis.from_url(redis_url)
-    client.delete(name, *[f"{name}\x06\x16{p}" for p in range(10)])
-    for key in client.scan_iter("_kombu.binding.*"):
-        for member in client.smembers(key):
-            if name.encode() in member:
-                client.srem(key, member)
-    client.close()
 
 
 def _send(settings: Settings, queue: str, version_id: int) -> None:
