@@ -77,7 +77,7 @@ def process_study(self: Task, study_version_id: int) -> dict[str, Any]:
     if result.outcome is service.Outcome.BUSY and not self.request.is_eager:
         if self.request.retries < MAX_RETRIES + busy_rechecks(settings):
             raise self.retry(
-                countdown=settings.claim_timeout,
+                countdown=settings.claim_timeout + 1,
                 max_retries=self.request.retries + 1,
             )
         logger.error("study version %d: still held by another worker after %d checks; giving up",

@@ -18,10 +18,13 @@ from sqlalchemy import Engine, func, select
 from db.models import Analysis, SliceResult, StudyVersion
 from db.session import make_engine, session_scope
 from db.settings import Settings
+from model_train.method.checkpoint import read_checkpoint_meta
 from model_train.phantom import write_phantom_series
 from tests.conftest import wait_for
 from tests.worker.conftest import Checkpoints, StoredStudy, WorkerProcess, analysis_settings
+from worker import claim as claims
 from worker.celery_app import TASK_PROCESS_STUDY, make_celery, task_id_for
+from worker.claim import ModelIdentity
 
 
 def _send(settings: Settings, queue: str, version_id: int) -> None:
@@ -64,16 +67,24 @@ def test_celery_worker_on_redis_analyses_a_study_once(
     small_rules: Path, store: Callable[..., StoredStudy],
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    """The production combination: Redis broker, PostgreSQL database."""
+    """The production combination: Redis broker, PostgreSQL database.
+
+    Also a study whose claim is held by a worker on another host that died: the
+    task finds it busy, re-checks after ``claim_timeout`` and takes it over once.
+    """
     db_url = postgres_url
     settings = analysis_settings(tmp_path / "data", db_url, checkpoints, small_rules,
-                                 broker_url=f"{redis_url}/0")
+                                 broker_url=f"{redis_url}/0", claim_timeout=5)
     study = write_phantom_series(tmp_path / "src", "covid19", n_slices=8, size=96, seed=5)
     stored = store(db_url, list(study.paths))
+    orphan = store(db_url, list(write_phantom_series(
+        tmp_path / "orphan", "normal", n_slices=6, size=64, seed=8).paths))
+    meta = read_checkpoint_meta(checkpoints.recognition)
+    identity = ModelIdentity(meta.model_name, meta.model_version, meta.model_uid)
+    engine = make_engine(db_url)
     worker = start_worker(settings, redis_queue, "redis")
     _send(settings, redis_queue, stored.study_version_id)
     _send(settings, redis_queue, stored.study_version_id)  # the outbox re-sent it
-    engine = make_engine(db_url)
     try:
         _wait_analysed(engine, stored.study_version_id, worker)
         analysis, slices = _one_analysis(engine, stored.study_version_id)
@@ -83,6 +94,16 @@ def test_celery_worker_on_redis_analyses_a_study_once(
                  message="the duplicate task to be seen")
         again, slices_again = _one_analysis(engine, stored.study_version_id)
         assert again.id == analysis.id and again.attempts == 1 and slices_again == 8
+
+        held = claims.claim(engine, orphan.study_version_id, identity, "other-host:4242/dead", 5)
+        assert held.status is claims.ClaimStatus.CLAIMED  # its heartbeat stops now
+        _send(settings, redis_queue, orphan.study_version_id)
+        _wait_analysed(engine, orphan.study_version_id, worker, timeout=90)
+        taken, taken_slices = _one_analysis(engine, orphan.study_version_id)
+        assert taken.state == "analysed" and taken.attempts == 2 and taken_slices == 6
+        log = worker.output()
+        assert "held by live worker other-host:4242/dead" in log
+        assert "from other-host:4242/dead (stale heartbeat)" in log
     finally:
         engine.dispose()
 
