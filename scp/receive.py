@@ -11,16 +11,21 @@ hundreds of frames) therefore never sits whole in the listener's memory.
 On Linux each chunk written also starts its write-back (``sync_file_range``,
 asynchronous): the disk works while the rest of the instance arrives, so the
 fsync that makes the instance durable before success mostly finds it done.
+Each chunk is also hashed as it is written (:func:`take_digest`), so the
+handler does not read the whole file back to compute its SHA-256.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import logging
 import os
 import tempfile
 import threading
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,7 +33,13 @@ from pynetdicom import _config, dimse_messages
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEMP_PREFIX", "stop_streaming", "stream_received_data_sets_to"]
+__all__ = [
+    "TEMP_PREFIX",
+    "Digest",
+    "stop_streaming",
+    "stream_received_data_sets_to",
+    "take_digest",
+]
 
 TEMP_PREFIX = "rx-"
 _SYNC_FILE_RANGE_WRITE = 2
@@ -50,12 +61,63 @@ def _load_sync_file_range() -> Any:
 _sync_file_range = _load_sync_file_range()
 
 
-class _WritebackFile:
-    """The file object pynetdicom writes to; ``flush`` also starts write-back to disk."""
+# temporary file name -> its writer; weak, so an aborted transfer's entry goes with its file
+_digests: weakref.WeakValueDictionary[str, _WritebackFile] = weakref.WeakValueDictionary()
+_digests_lock = threading.Lock()
 
-    def __init__(self, file: IO[bytes]) -> None:
+
+@dataclass(frozen=True)
+class Digest:
+    size_bytes: int
+    sha256: str
+
+
+def take_digest(path: Path) -> Digest | None:
+    """SHA-256 of everything written to a received file, if it was written only by appending.
+
+    ``None`` when unknown (not one of ours, or written in another way): the
+    caller then reads the file back.
+    """
+    with _digests_lock:
+        writer = _digests.pop(str(path), None)
+    if writer is None or writer.broken:
+        return None
+    try:
+        size = os.fstat(writer.fd).st_size
+    except OSError:
+        size = os.stat(path).st_size
+    if size != writer.size:
+        return None
+    return Digest(writer.size, writer.hash.hexdigest())
+
+
+class _WritebackFile:
+    """The file object pynetdicom writes to: hashes what is appended, starts write-back."""
+
+    def __init__(self, file: IO[bytes], name: str) -> None:
         self._file = file
         self._fd = file.fileno()
+        self.fd = self._fd
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.broken = False
+        with _digests_lock:
+            _digests[name] = self
+
+    def write(self, data: bytes) -> int:
+        written = self._file.write(data)
+        if written != len(data):
+            self.broken = True
+        self.hash.update(data)
+        self.size += len(data)
+        return written
+
+    def seek(self, *args: Any) -> int:
+        self.broken = True  # no longer a plain append: the digest is unknown
+        return self._file.seek(*args)
+
+    def close(self) -> None:
+        self._file.close()
 
     def flush(self) -> None:
         self._file.flush()
@@ -69,7 +131,7 @@ class _WritebackFile:
 def _temporary_file_in(incoming: Path) -> Any:
     def factory(**kwargs: Any) -> Any:
         wrapper = tempfile.NamedTemporaryFile(dir=str(incoming), prefix=TEMP_PREFIX, **kwargs)
-        wrapper.file = _WritebackFile(wrapper.file)  # type: ignore[assignment]
+        wrapper.file = _WritebackFile(wrapper.file, wrapper.name)  # type: ignore[assignment]
         return wrapper
 
     return factory

@@ -57,7 +57,7 @@ from scp.outbox import CelerySender, OutboxDispatcher, Sender
 from scp.receive import stop_streaming, stream_received_data_sets_to
 from scp.spool import Spool
 from scp.store import InstanceStore
-from scp.transport import ListenerServer
+from scp.transport import ListenerServer, use_fast_command_sets
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class Listener:
         silence_identifier_logging()
         self.spool.prepare()
         stream_received_data_sets_to(self.spool.incoming)
+        use_fast_command_sets(True)
         server: ListenerServer = self.ae.make_server(  # type: ignore[assignment]
             (self.settings.host, self.settings.port),
             ae_title=self.settings.ae_title,
@@ -184,6 +185,7 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout=5)
         stop_streaming()
+        use_fast_command_sets(False)
 
 
 class Housekeeper:

@@ -79,24 +79,25 @@ class Spool:
     def path_of(self, relative: str) -> Path:
         return self.root / relative
 
-    def seal(self, path: Path) -> Sealed:
-        """Hash a received file and flush it (data and metadata) to stable storage.
+    def seal(self, path: Path, known: Sealed | None = None) -> Sealed:
+        """Flush a received file (data and metadata) to stable storage; hash it if not ``known``.
 
-        On a file already linked under its final name (:meth:`link_new`) this
-        one fsync also commits the new directory entry on journalling file
-        systems, which makes the following :meth:`sync_directory` cheap.
+        ``known`` is the digest taken while the file was written
+        (:func:`scp.receive.take_digest`), which spares reading it back.
         """
-        digest = hashlib.sha256()
-        size = 0
         fd = os.open(path, os.O_RDONLY)
         try:
-            while chunk := os.read(fd, _CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
+            if known is None:
+                digest = hashlib.sha256()
+                size = 0
+                while chunk := os.read(fd, _CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                known = Sealed(size_bytes=size, sha256=digest.hexdigest())
             os.fsync(fd)
         finally:
             os.close(fd)
-        return Sealed(size_bytes=size, sha256=digest.hexdigest())
+        return known
 
     def digest_of(self, relative: str) -> str | None:
         """SHA-256 of a stored file, or ``None`` when it is absent."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -33,6 +35,7 @@ from sqlalchemy.orm import sessionmaker
 from db.models import utcnow
 from scp import registry
 from scp.instance import InstanceHeader, read_instance_header
+from scp.receive import take_digest
 from scp.spool import Sealed, Spool, relative_path
 from scp.status import Rejected, Status
 
@@ -79,6 +82,11 @@ class InstanceStore:
         self.cache = registry.RegistryCache()
         # one factory for the process: the hot path should not build one per instance
         self._sessions = sessionmaker(bind=engine, expire_on_commit=False)
+        # SQLite has one writer at a time and makes a waiting connection sleep (1, 2, 5, 10 ms
+        # ...) before retrying; queueing this process's writers on a lock hands over at once
+        self._write_lock: AbstractContextManager[object] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
+        )
 
     def store(
         self,
@@ -89,20 +97,25 @@ class InstanceStore:
         lease: AssociationLease,
     ) -> StoreResult:
         """Store the file pynetdicom received at ``received``; raises :class:`Rejected`."""
+        digest = take_digest(received)  # taken while it was written; always collect it
         self._check_space()
         header = read_instance_header(
             received, transfer_syntax_uid, sop_class_uid, sop_instance_uid
         )
         relative = relative_path(header)
+        linked = False
         try:
             linked = self.spool.link_new(received, relative)
-            sealed = self.spool.seal(received)
+            known = None if digest is None else Sealed(digest.size_bytes, digest.sha256)
+            sealed = self.spool.seal(received, known)
             if linked:
                 self.spool.sync_directory(relative)
         except OSError as exc:
+            if linked:
+                self.spool.remove_if_same(received, relative)
             raise _storage_failure(exc, "instance could not be written to the spool") from exc
         try:
-            with self.engine.begin() as connection:
+            with self._write_lock, self.engine.begin() as connection:
                 resolved = self._record(connection, header, relative, sealed, lease)
                 if not linked:  # a file is there already: replace it only once claimed
                     self.spool.place(received, relative)
