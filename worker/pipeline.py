@@ -147,77 +147,83 @@ def _slice_rows(batch: SliceBatch, fractions: NDArray[np.float64],
     return rows
 
 
+@dataclass
+class _Collected:
+    """Per-slice outputs gathered batch by batch (only numbers: memory stays bounded)."""
+
+    rows: list[SliceRow] = field(default_factory=list)
+    probs: dict[int, NDArray[np.float32]] = field(default_factory=dict)  # by slice index
+    manifestations: dict[int, NDArray[np.float32]] = field(default_factory=dict)
+
+
+def _analyse_batch(batch: SliceBatch, models: Models, settings: Settings, timings: Timings,
+                   out: _Collected) -> None:
+    recognition, manifestation = models.recognition, models.manifestation
+    hu = torch.from_numpy(batch.hu).to(recognition.device)
+    with timings.stage("segmentation"):
+        lung = models.segment(hu, batch.slices[0].pixel_spacing_mm)
+        pixels = lung.sum(dim=(1, 2)).cpu().numpy().astype(np.int64)
+    fractions = pixels / float(lung.shape[1] * lung.shape[2])
+    rows = _slice_rows(batch, fractions, pixels, settings.min_lung_fraction)
+    out.rows.extend(rows)
+    kept = [r for r in rows if not r.skipped]
+    if not kept:
+        return
+    keep = torch.tensor([not r.skipped for r in rows], device=hu.device)
+    kept_hu, kept_lung = hu[keep], lung[keep]
+    with timings.stage("preprocessing"):
+        x = preprocess_batch(kept_hu, kept_lung, recognition.meta.preprocess)
+    with timings.stage("classification"):
+        probs = recognition.predict(x)
+    out.probs.update((r.slice_index, p) for r, p in zip(kept, probs, strict=True))
+    if manifestation is None:
+        return
+    covid = np.argmax(probs, axis=1) == RECOGNITION_CLASSES.index("covid19")
+    if not covid.any():
+        return
+    with timings.stage("manifestation"):
+        sel = torch.from_numpy(covid).to(x.device)
+        if manifestation.meta.preprocess == recognition.meta.preprocess:
+            mx = x[sel]
+        else:
+            mx = preprocess_batch(kept_hu[sel], kept_lung[sel], manifestation.meta.preprocess)
+        mprobs = manifestation.predict(mx)
+    covid_rows = [r for r, c in zip(kept, covid, strict=True) if c]
+    out.manifestations.update(
+        (r.slice_index, p) for r, p in zip(covid_rows, mprobs, strict=True)
+    )
+
+
 def analyse_series(series: OrderedSeries, models: Models, settings: Settings,
                    decode_threads: int = 1) -> SeriesAnalysis:
     """Run the method over ``series``; raises :class:`NoLungFound` when every slice is skipped."""
     timings = Timings()
-    recognition = models.recognition
-    device = recognition.device
-    segment = models.segment
-    manifestation = models.manifestation
-    same_preprocess = manifestation is not None and (
-        manifestation.meta.preprocess == recognition.meta.preprocess
-    )
-    rows: list[SliceRow] = []
-    probs_by_index: dict[int, NDArray[np.float32]] = {}
-    manifest_by_index: dict[int, NDArray[np.float32]] = {}
-
+    out = _Collected()
     batches = iter_batches(series, settings.batch_size, decode_threads=decode_threads)
     while True:
         with timings.stage("decode"):
             batch = next(batches, None)
         if batch is None:
             break
-        hu = torch.from_numpy(batch.hu)
-        with timings.stage("segmentation"):
-            lung = segment(hu, batch.slices[0].pixel_spacing_mm)
-            pixels = lung.sum(dim=(1, 2)).cpu().numpy().astype(np.int64)
-        fractions = pixels / float(lung.shape[1] * lung.shape[2])
-        batch_rows = _slice_rows(batch, fractions, pixels, settings.min_lung_fraction)
-        rows.extend(batch_rows)
-        keep = torch.from_numpy(np.array([not r.skipped for r in batch_rows], dtype=bool))
-        if not bool(keep.any()):
-            continue
-        kept_hu, kept_lung = hu[keep].to(device), lung[keep.to(lung.device)]
-        with timings.stage("preprocessing"):
-            x = preprocess_batch(kept_hu, kept_lung, recognition.meta.preprocess)
-        with timings.stage("classification"):
-            probs = recognition.predict(x)
-        kept_rows = [r for r in batch_rows if not r.skipped]
-        for row, p in zip(kept_rows, probs, strict=True):
-            probs_by_index[row.slice_index] = p
-        if manifestation is None:
-            continue
-        covid = np.argmax(probs, axis=1) == RECOGNITION_CLASSES.index("covid19")
-        if not covid.any():
-            continue
-        with timings.stage("manifestation"):
-            sel = torch.from_numpy(covid).to(x.device)
-            mx = x[sel] if same_preprocess else preprocess_batch(
-                kept_hu[sel], kept_lung[sel], manifestation.meta.preprocess
-            )
-            mprobs = manifestation.predict(mx)
-        covid_rows = [r for r, c in zip(kept_rows, covid, strict=True) if c]
-        for row, p in zip(covid_rows, mprobs, strict=True):
-            manifest_by_index[row.slice_index] = p
+        _analyse_batch(batch, models, settings, timings, out)
 
-    if not probs_by_index:
+    if not out.probs:
         raise NoLungFound(
-            f"no slice shows enough lung: all {len(rows)} slices have a lung fraction below "
-            f"{settings.min_lung_fraction:g} (CTDX_MIN_LUNG_FRACTION)"
+            f"no slice shows enough lung: all {len(out.rows)} slices have a lung fraction "
+            f"below {settings.min_lung_fraction:g} (CTDX_MIN_LUNG_FRACTION)"
         )
-    ordered = sorted(probs_by_index)
-    decision = decide_study(np.stack([probs_by_index[i] for i in ordered]),
+    decision = decide_study(np.stack([out.probs[i] for i in sorted(out.probs)]),
                             settings.covid_threshold)
     manifestation_counts = None
-    if manifestation is not None:
-        mstack = (np.stack([manifest_by_index[i] for i in sorted(manifest_by_index)])
-                  if manifest_by_index else np.zeros((0, len(MANIFESTATION_CLASSES))))
-        manifestation_counts = summarise_manifestations(mstack)
-    final = [_with_probabilities(r, probs_by_index.get(r.slice_index),
-                                 manifest_by_index.get(r.slice_index)) for r in rows]
-    logger.info("series analysed: %d slices, %d skipped, call %s", len(rows),
-                len(rows) - len(probs_by_index), decision.decision)
+    if models.manifestation is not None:
+        found = [out.manifestations[i] for i in sorted(out.manifestations)]
+        manifestation_counts = summarise_manifestations(
+            np.stack(found) if found else np.zeros((0, len(MANIFESTATION_CLASSES)))
+        )
+    final = [_with_probabilities(r, out.probs.get(r.slice_index),
+                                 out.manifestations.get(r.slice_index)) for r in out.rows]
+    logger.info("series analysed: %d slices, %d skipped, call %s", len(final),
+                len(final) - len(out.probs), decision.decision)
     return SeriesAnalysis(tuple(final), decision, manifestation_counts, timings.as_dict(),
                           models.device)
 
