@@ -58,3 +58,26 @@ def test_refuses_to_start_without_a_usable_model(
 
     result = _ctdx("worker", "--pool", "gevent", env=env)
     assert result.exit_code == 2 and "--pool must be one of" in result.output
+
+
+def test_plain_celery_worker_refuses_a_database_that_is_not_at_head(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """`celery -A worker.celery_app worker` gets the same check (worker_init), and exits."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    empty = tmp_path / "empty.sqlite3"
+    empty.write_bytes(b"")
+    environment = {**{k: v for k, v in os.environ.items() if not k.startswith("CTDX_")}, **env,
+                   "CTDX_DATABASE_URL": f"sqlite:///{empty}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
+         "-Q", "ctdx-never-used"],
+        cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "worker cannot start: database is at revision none (empty)" in proc.stderr
