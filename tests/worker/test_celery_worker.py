@@ -160,7 +160,7 @@ def test_ctdx_worker_on_the_embedded_broker(
     study = write_phantom_series(tmp_path / "src", "normal", n_slices=6, size=64, seed=7)
     stored = store(sqlite_url, list(study.paths))
     ctdx = str(Path(sys.executable).with_name("ctdx"))
-    worker = start_worker(settings, "ctdx", "embedded", command=[ctdx, "worker"])
+    worker = start_worker(settings, "ctdx", "embedded", pool="prefork", command=[ctdx, "worker"])
     _send(settings, "ctdx", stored.study_version_id)
     engine = make_engine(sqlite_url)
     try:
