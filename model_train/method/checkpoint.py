@@ -256,7 +256,9 @@ def read_checkpoint_meta(path: Path) -> CheckpointMeta:
 
 
 def load_checkpoint(path: Path, task: Task, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint for ``task`` onto ``device``, in eval mode.
+    """Load a checkpoint for ``task`` onto ``device`` (``"auto"``: CUDA if present), in eval mode.
+
+    ``device="meta"`` checks everything without materialising the weights on a device.
 
     Raises :class:`CheckpointError` for a missing or foreign file, another task,
     class names other than this code's for the task, preprocessing this code
@@ -292,6 +294,8 @@ def load_checkpoint(path: Path, task: Task, device: str | torch.device = "cpu") 
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit {meta.arch}: {exc}") from exc
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
     logger.info(
         "loaded %s model %s %s (uid %s, %s) on %s",

@@ -58,6 +58,14 @@ def test_round_trip_gives_same_outputs_and_meta(saved: Saved) -> None:
     assert read_checkpoint_meta(path) == meta
 
 
+def test_meta_device_checks_without_weights_and_auto_picks_a_device(saved: Saved) -> None:
+    on_meta = load_checkpoint(saved[0], task="recognition", device="meta")
+    assert all(p.device.type == "meta" for p in on_meta.model.parameters())
+    auto = load_checkpoint(saved[0], task="recognition", device="auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(auto.model.parameters()).device.type == expected
+
+
 def test_payload_holds_only_plain_types(saved: Saved) -> None:
     path, _, meta = saved
     payload = torch.load(path, weights_only=True)
