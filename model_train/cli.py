@@ -61,8 +61,27 @@ def _configure_logging() -> None:
     configure_logging(rich=sys.stderr.isatty())
 
 
-def _command_line() -> str:
-    return "ctdx " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command_line(*parts: object) -> str:
+    """The command as a user would type it again (options that were given, in order)."""
+    words: list[str] = []
+    i = 0
+    items = list(parts)
+    while i < len(items):
+        word = items[i]
+        if isinstance(word, str) and word.startswith("--") and i + 1 < len(items):
+            value = items[i + 1]
+            i += 2
+            if value is None or value is False:
+                continue
+            if isinstance(value, list):
+                for v in value:
+                    words += [word, str(v)]
+            else:
+                words += [word] if value is True else [word, str(value)]
+            continue
+        words.append(str(word))
+        i += 1
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _load(config: str, manifest: Path | None = None, manifestation_manifest: Path | None = None,
@@ -292,7 +311,11 @@ def reproduce_command(
             typer.echo(f"training {getattr(spec, 'name', spec)}", err=True)
 
     try:
-        result = reproduce(cfg, out, command=_command_line(), progress=sys.stderr.isatty(),
+        command = _command_line(
+            "ctdx", "train", "reproduce", config, "--manifest", manifest,
+            "--manifestation-manifest", manifestation_manifest, "--cache-dir", cache_dir,
+            "--device", device, "--epochs", epochs, "--pretrained", pretrained, "--out", out)
+        result = reproduce(cfg, out, command=command, progress=sys.stderr.isatty(),
                            on_run=on_run)
     except _expected_errors() as exc:
         raise _user_error(str(exc)) from None
@@ -327,7 +350,9 @@ def evaluate_command(
         cfg = with_overrides(cfg, evaluation={"threshold": threshold})
         summary_file = run / "data-summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-        report = write_report(run, cfg, _command_line(), summary)
+        report = write_report(run, cfg, _command_line(
+            "ctdx", "train", "evaluate", run, "--config", config, "--threshold", threshold),
+            summary)
     except _expected_errors() as exc:
         raise _user_error(str(exc)) from None
     typer.echo(f"report: {report / 'README.md'}")
