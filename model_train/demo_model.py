@@ -15,9 +15,10 @@ or downloaded weights. Their names say so (``model_name`` carries
 - Manifestations: ResNet18 on synthetic ground-glass / consolidation / fibrotic
   streak slices (:func:`model_train.synthetic.write_manifestation_set`'s images).
 
-The pair is cached under ``<cache_dir>/demo-<key>/``, ``key`` hashing the
-settings, the method version and the checkpoint format, so a second call is
-instant and a change of method retrains.
+The pair is cached under ``<cache_dir>/demo-<key>/`` (and the user cache,
+``$XDG_CACHE_HOME/ctdx`` or ``~/.cache/ctdx``), ``key`` hashing the settings, the
+method version and the checkpoint format, so a second call is instant and a
+change of method retrains.
 """
 
 from __future__ import annotations
@@ -236,26 +237,59 @@ def _valid(path: Path, key: str) -> bool:
     return meta.method_version == METHOD_VERSION and meta.training_data.get("demo_key") == key
 
 
-def ensure_demo_models(cache_dir: Path | None = None,
-                       settings: DemoSettings = DemoSettings()) -> DemoModelPaths:
-    """The cached demonstration models, trained first if absent or stale."""
-    key = demo_key(settings)
-    folder = (cache_dir or default_cache_dir()) / f"demo-{key}"
+def _cached_pair(folder: Path, key: str) -> DemoModelPaths | None:
     paths = DemoModelPaths(folder / "recognition.pt", folder / "manifestation.pt")
     assert paths.manifestation is not None
     if _valid(paths.recognition, key) and _valid(paths.manifestation, key):
         return paths
+    return None
+
+
+def _install(src: Path, folder: Path) -> None:
+    """Copy a trained pair into ``folder`` atomically (rename of whole files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("recognition.pt", "manifestation.pt"):
+        tmp = folder / f".{name}.tmp"
+        shutil.copyfile(src / name, tmp)
+        os.replace(tmp, folder / name)
+
+
+def ensure_demo_models(cache_dir: Path | None = None,
+                       settings: DemoSettings = DemoSettings()) -> DemoModelPaths:
+    """The cached demonstration models in ``cache_dir``, trained first if absent or stale.
+
+    A valid pair in the user cache (:func:`default_cache_dir`) is copied instead of
+    retraining, and a freshly trained pair is also left there (best effort), so a
+    second call is instant whichever folder it names.
+    """
+    key = demo_key(settings)
+    user_folder = default_cache_dir() / f"demo-{key}"
+    folder = (cache_dir or default_cache_dir()) / f"demo-{key}"
+    found = _cached_pair(folder, key)
+    if found is not None:
+        return found
+    if folder != user_folder and _cached_pair(user_folder, key) is not None:
+        _install(user_folder, folder)
+        logger.info("demo models copied from the user cache %s", user_folder)
+        found = _cached_pair(folder, key)
+        assert found is not None
+        return found
     logger.info("training the synthetic demonstration models into %s", folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".demo-{key}-", dir=folder.parent))
     try:
         build_demo_models(staging, settings)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in ("recognition.pt", "manifestation.pt"):
-            os.replace(staging / name, folder / name)
+        _install(staging, folder)
+        if folder != user_folder:
+            try:
+                _install(staging, user_folder)
+            except OSError as exc:
+                logger.info("demo models not copied to the user cache: %s", exc)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return paths
+    found = _cached_pair(folder, key)
+    assert found is not None
+    return found
 
 
 def write_demo_model(out: Path, manifestation_out: Path | None = None,
