@@ -10,7 +10,10 @@ and with four concurrent senders (each its own copy of the study, new UIDs):
 - ``ctdx scp`` with one listener process, and with four senders also with two
   (``--processes 2``), on a fresh data dir and SQLite database each run
   (``--database-url`` to use PostgreSQL: give an admin URL, a database is
-  created per run).
+  created per run);
+- for reference, a plain pynetdicom storage SCP on the same contexts and PDU
+  size whose handler only renames pynetdicom's received file into a folder
+  (no checks, no fsync, no database): the floor pynetdicom itself sets.
 
 Reports slices/s (all slices / wall time from the first sender's start to the
 last one's exit), the ratio to storescp default, and the receiver's peak
@@ -102,7 +105,8 @@ def prepare_studies(work: Path, slices: int, size: int, count: int) -> list[Path
         for path in sorted(studies[0].glob("*.dcm")):
             ds = pydicom.dcmread(path)
             sop = generate_uid()
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID = sop
             ds.file_meta.MediaStorageSOPInstanceUID = sop
             ds.save_as(study / f"{sop}.dcm", enforce_file_format=True)
         marker.touch()
@@ -129,12 +133,40 @@ def storescp(bit_preserving: bool) -> Callable[[Path, int], subprocess.Popen[byt
     return start
 
 
+_REFERENCE = """
+import os, sys
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import CTImageStorage, Verification
+from db.logs import silence_identifier_logging
+silence_identifier_logging()
+_config.STORE_RECV_CHUNKED_DATASET = True
+out, port = sys.argv[1], int(sys.argv[2])
+def store(event):
+    os.replace(event.dataset_path, os.path.join(out, event.request.AffectedSOPInstanceUID))
+    return 0
+ae = AE("REFERENCE")
+ae.maximum_pdu_size = 262144
+ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+ae.add_supported_context(Verification)
+ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, store)])
+"""
+
+
+def pynetdicom_reference(run_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    out = run_dir / "out"
+    out.mkdir()
+    return subprocess.Popen([sys.executable, "-c", _REFERENCE, str(out), str(port)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def ctdx_bin() -> list[str]:
     return [sys.executable, "-c", "from db.cli import main; main()"]
 
 
-def ctdx(processes: int, admin_url: str | None) -> tuple[Callable[[Path, int], subprocess.Popen[bytes]],
-                                                          Callable[[Path, int], None]]:
+Starter = Callable[[Path, int], "subprocess.Popen[bytes]"]
+
+
+def ctdx(processes: int, admin_url: str | None) -> tuple[Starter, Callable[[Path, int], None]]:
     urls: dict[Path, str] = {}
 
     def start(run_dir: Path, port: int) -> subprocess.Popen[bytes]:
@@ -275,7 +307,8 @@ class Table:
             "",
             f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on a {args.machine} "
             f"({os.cpu_count()} CPUs), CPU only. Study: {args.slices} slices of "
-            f"{args.size}x{args.size} (uncompressed, ~{args.size * args.size * 2 // 1000} kB each), "
+            f"{args.size}x{args.size} (uncompressed, ~{args.size * args.size * 2 // 1000} kB "
+            "each), "
             f"sent by dcmtk `storescu` over loopback; {args.rounds} rounds, receivers "
             "interleaved within each round. Database: "
             f"{'PostgreSQL' if args.database_url else 'SQLite (WAL, synchronous=FULL)'}.",
@@ -303,8 +336,9 @@ class Table:
         lines += ["", "Every round, slices/s:", ""]
         for senders in args.senders:
             for receiver in dict.fromkeys(r.receiver for r in self.runs if r.senders == senders):
-                rates = ", ".join(f"{r.slices_per_second:.0f}" for r in self.cell(receiver, senders))
-                lines.append(f"- {senders} sender(s), {receiver}: {rates}")
+                cell = self.cell(receiver, senders)
+                listed = ", ".join(f"{r.slices_per_second:.0f}" for r in cell)
+                lines.append(f"- {senders} sender(s), {receiver}: {listed}")
         lines += ["", f"Command: `{command}`", ""]
         return "\n".join(lines)
 
@@ -322,6 +356,8 @@ def main(args: argparse.Namespace) -> Table:
         "storescp +B": Receiver("storescp +B", storescp(True)),
         "ctdx scp": Receiver("ctdx scp", one_process, one_check),
         "ctdx scp --processes 2": Receiver("ctdx scp --processes 2", two_process, two_check),
+        "pynetdicom no-op (reference)": Receiver("pynetdicom no-op (reference)",
+                                                 pynetdicom_reference),
     }
     table = Table()
     for round_number in range(1, args.rounds + 1):
@@ -329,6 +365,7 @@ def main(args: argparse.Namespace) -> Table:
             names = ["storescp default", "storescp +B", "ctdx scp"]
             if senders > 1:
                 names.append("ctdx scp --processes 2")
+            names.append("pynetdicom no-op (reference)")
             for name in names:
                 run = run_once(receivers[name], studies[:senders], args.slices, args.work)
                 table.runs.append(run)

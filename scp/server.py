@@ -153,8 +153,6 @@ class Listener:
     def start(self) -> None:
         silence_identifier_logging()
         self.spool.prepare()
-        stream_received_data_sets_to(self.spool.incoming)
-        use_fast_command_sets(True)
         server: ListenerServer = self.ae.make_server(  # type: ignore[assignment]
             (self.settings.host, self.settings.port),
             ae_title=self.settings.ae_title,
@@ -162,7 +160,9 @@ class Listener:
             evt_handlers=event_handlers(self.context),
             server_class=ListenerServer,
             reuse_port=self.reuse_port,
-        )
+        )  # bound and listening; nothing is accepted before serve_forever
+        stream_received_data_sets_to(self.spool.incoming)
+        use_fast_command_sets(True)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ctdx-listener",
@@ -206,6 +206,7 @@ class Housekeeper:
         self.on_completed = on_completed
         self._last_heartbeat = 0.0
         self._last_sweep = 0.0
+        self._last_expiry = 0.0
 
     @property
     def tick_seconds(self) -> float:
@@ -223,7 +224,10 @@ class Housekeeper:
             stale = 2 * self.settings.network_timeout + 60  # no live transfer is idle that long
             self.listener.spool.clear_incoming(older_than_seconds=stale)
             self._last_sweep = clock
-        completed = self._complete()
+        expire = clock - self._last_expiry >= HEARTBEAT_SECONDS
+        if expire:
+            self._last_expiry = clock
+        completed = self._complete(expire)
         if completed:
             self.on_completed()
         return completed
@@ -237,11 +241,12 @@ class Housekeeper:
                 session, holders, registry.lease_expiry(utcnow(), LEASE_TTL_SECONDS)
             )
 
-    def _complete(self) -> int:
+    def _complete(self, expire_leases: bool) -> int:
         now = utcnow()
         completed = 0
         with session_scope(self.engine) as session:
-            completion.expire_leases(session, now)
+            if expire_leases:  # a write: at heartbeat pace, not every tick
+                completion.expire_leases(session, now)
             candidates = completion.quiet_candidates(session, now, self.settings.quiet_seconds)
             give_up = now.timestamp() - MPPS_GIVE_UP_SECONDS
             steps = completion.pending_mpps_steps(session, _from_timestamp(give_up))
