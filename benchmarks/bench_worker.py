@@ -1,0 +1,331 @@
+"""Time the worker on one study, stage by stage, and write ``benchmarks/results/worker.md``.
+
+    .venv/bin/python benchmarks/bench_worker.py                  # 300-slice 512² phantom (+ real)
+    .venv/bin/python benchmarks/bench_worker.py --slices 60      # smaller, quicker
+    .venv/bin/python benchmarks/bench_worker.py --memory-slices 1000   # also: peak RSS, 1000 slices
+
+Stages (each on the whole study unless marked): decode (headers, order, pixels
+to HU), segmentation (scikit-image reference slice by slice vs the batched
+torch version), preprocessing, classification (ResNet50 fp32 vs bf16 autocast,
+both channels-last; bf16 is timed on a sample when it is slow), manifestation
+(ResNet18 on every analysed slice: an upper bound, random weights call an
+arbitrary share COVID-19), database write (the slice rows into SQLite). Then
+the whole worker path (``worker.service.process_study_version``, the code a
+Celery task runs) in a fresh process, with its peak RSS. Models have random
+weights (fixed seed): timings do not depend on the weights.
+
+The machine is named in the output; on a shared machine numbers are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "worker.md"
+REAL_SERIES = REPO.parent / "shared" / "data" / "covid-ct-md" / "COVID-19" / "P001"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = os.getloadavg()[0]
+    return (f"{cpu}, {cores} cores, {gpu}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; load average {load:.1f} at start")
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def make_checkpoints(out: Path) -> tuple[Path, Path]:
+    from model_train.method.checkpoint import CheckpointMeta, save_checkpoint
+    from model_train.method.networks import build_resnet
+
+    torch.manual_seed(0)
+    rec, man = out / "recognition.pt", out / "manifestation.pt"
+    if not rec.exists():
+        save_checkpoint(rec, build_resnet("resnet50"),
+                        CheckpointMeta.new("recognition", "resnet50", "bench-resnet50", "0"))
+        save_checkpoint(man, build_resnet("resnet18"),
+                        CheckpointMeta.new("manifestation", "resnet18", "bench-resnet18", "0"))
+    return rec, man
+
+
+def store_series(workdir: Path, files: list[Path]) -> tuple[str, int]:
+    """A migrated SQLite database with ``files`` stored as the listener would."""
+    sys.path.insert(0, str(REPO))
+    from db import migrate
+    from db.session import make_engine
+    from tests.worker.conftest import store_files  # stores files as the listener does
+
+    url = f"sqlite:///{workdir / 'bench.sqlite3'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    stored = store_files(engine, workdir / "data" / "spool", files)
+    engine.dispose()
+    return url, stored.study_version_id
+
+
+def stage_table(files: list[Path], rec: Path, man: Path, bf16_sample: int,
+                batch_size: int) -> dict[str, float]:
+    """Seconds per stage for one series, each stage on its own (in this process)."""
+    import pydicom
+
+    from model_train.method.inference import SliceClassifier
+    from model_train.method.preprocess import preprocess_batch
+    from model_train.method.segmentation import segment_lungs
+    from model_train.method.segmentation_torch import segment_lungs_torch
+    from worker.loading import iter_batches, order_series
+    from worker.study import InstanceRef
+
+    refs = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        refs.append(InstanceRef(str(ds.SOPInstanceUID), "", "", f))
+    out: dict[str, float] = {}
+
+    def decode() -> tuple[np.ndarray, float | None]:
+        series = order_series(refs)
+        hu = np.concatenate([b.hu for b in iter_batches(series, batch_size)])
+        return hu, series.slices[0].pixel_spacing_mm
+
+    out["decode"], (hu, spacing) = timed(decode)
+    n = hu.shape[0]
+    out["slices"] = n
+    out["segmentation (scikit-image)"], sk = timed(
+        lambda: np.stack([segment_lungs(s, spacing_mm=spacing) for s in hu]))
+
+    def seg_torch() -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([segment_lungs_torch(torch.from_numpy(hu[i:i + batch_size]),
+                                                  spacing_mm=spacing)
+                              for i in range(0, n, batch_size)])
+
+    out["segmentation (torch)"], lung = timed(seg_torch)
+    inter = np.logical_and(sk, lung.numpy()).sum()
+    out["dice torch vs scikit-image"] = float(2 * inter / max(sk.sum() + lung.numpy().sum(), 1))
+    hu_t = torch.from_numpy(hu)
+
+    def prep() -> torch.Tensor:
+        return torch.cat([preprocess_batch(hu_t[i:i + batch_size], lung[i:i + batch_size],
+                                           _params(rec)) for i in range(0, n, batch_size)])
+
+    out["preprocessing"], x = timed(prep)
+
+    def classify(model: Any, inputs: torch.Tensor) -> np.ndarray:
+        return np.concatenate([model.predict(inputs[i:i + batch_size])
+                               for i in range(0, inputs.shape[0], batch_size)])
+
+    fp32 = SliceClassifier.from_checkpoint(rec, "recognition", device="auto", precision="fp32")
+    classify(fp32, x[:2])  # warm-up
+    out["classification ResNet50 fp32"], p32 = timed(lambda: classify(fp32, x))
+    bf16 = SliceClassifier.from_checkpoint(rec, "recognition", device="auto", precision="bf16")
+    classify(bf16, x[:2])
+    sample = min(n, bf16_sample)
+    seconds, p16 = timed(lambda: classify(bf16, x[:sample]))
+    out["classification ResNet50 bf16"] = seconds * n / sample
+    out["bf16 sample slices"] = sample
+    out["bf16 argmax agreement"] = float((p16.argmax(1) == p32[:sample].argmax(1)).mean())
+    m18 = SliceClassifier.from_checkpoint(man, "manifestation", device="auto", precision="fp32")
+    classify(m18, x[:2])
+    out["manifestation ResNet18 fp32 (all slices)"], _ = timed(lambda: classify(m18, x))
+    return out
+
+
+def _params(rec: Path) -> Any:
+    from model_train.method.checkpoint import read_checkpoint_meta
+
+    return read_checkpoint_meta(rec).preprocess
+
+
+def end_to_end(url: str, data_dir: Path, version_id: int, rec: Path, man: Path,
+               backend: str, batch_size: int) -> dict[str, Any]:
+    """The worker path in this (fresh) process: what one Celery task does."""
+    from db.session import make_engine
+    from db.settings import load_settings
+    from worker import runtime, service
+
+    settings = load_settings(data_dir=data_dir, database_url=url, model=rec,
+                             manifestation_model=man, segmentation_backend=backend,
+                             batch_size=batch_size, device="auto", broker_url="memory://")
+    load_seconds, models = timed(lambda: runtime.get_models(settings))
+    engine = make_engine(url)
+    seconds, result = timed(lambda: service.process_study_version(engine, settings, models,
+                                                                 version_id))
+    from sqlalchemy import select
+
+    from db.models import Analysis
+    from db.session import session_scope
+
+    with session_scope(engine) as session:
+        row = session.scalars(select(Analysis).where(Analysis.id == result.analysis_id)).one()
+        timings, analysed = dict(row.timings or {}), row.slices_analysed
+        reason = row.failure_reason
+    return {"outcome": result.outcome.value, "reason": reason, "seconds": seconds,
+            "model_load": load_seconds,
+            "timings": timings, "slices_analysed": analysed, "device": models.device,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_child(args: list[str]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
+                          text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300, help="phantom slices (16 or more)")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--bf16-sample", type=int, default=32,
+                        help="slices timed in bf16 (extrapolated): slow without AVX512-BF16")
+    parser.add_argument("--memory-slices", type=int, default=0,
+                        help="also run the worker path on a phantom this long and report peak RSS")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the --memory-slices run, appended to the results file")
+    parser.add_argument("--no-real", action="store_true", help="skip the real series")
+    parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        url, data_dir, version, rec, man, backend, batch = args.child
+        print(json.dumps(end_to_end(url, Path(data_dir), int(version), Path(rec), Path(man),
+                                    backend, int(batch))))
+        return
+
+    from model_train.phantom import write_phantom_series
+
+    about = machine()
+    print(f"machine: {about}")
+    work = Path(tempfile.mkdtemp(prefix="ctdx-bench-"))
+    rec, man = make_checkpoints(work)
+    studies: dict[str, list[Path]] = {}
+    if not args.memory_only:
+        phantom = write_phantom_series(work / "phantom", "covid19", n_slices=args.slices,
+                                       size=args.size, seed=0)
+        studies[f"phantom {args.slices}x{args.size}²"] = list(phantom.paths)
+    if REAL_SERIES.is_dir() and not args.no_real and not args.memory_only:
+        studies["covid-ct-md P001 (JPEG lossless)"] = sorted(REAL_SERIES.glob("*.dcm"))
+
+    report: list[str] = []
+    for name, files in studies.items():
+        print(f"\n== {name}: {len(files)} files")
+        stages = stage_table(files, rec, man, args.bf16_sample, args.batch_size)
+        slug = name.split()[0] + str(len(files))
+        workdir = work / slug
+        workdir.mkdir()
+        url, version = store_series(workdir, files)
+        e2e = run_child([url, str(workdir / "data"), str(version), str(rec), str(man), "torch",
+                         str(args.batch_size)])
+        report.append(render(name, stages, e2e))
+        print(report[-1])
+    if args.memory_slices:
+        big = write_phantom_series(work / "big", "normal", n_slices=args.memory_slices,
+                                   size=args.size, seed=1)
+        workdir = work / "memory"
+        workdir.mkdir()
+        url, version = store_series(workdir, list(big.paths))
+        e2e = run_child([url, str(workdir / "data"), str(version), str(rec), str(man), "torch",
+                         str(args.batch_size)])
+        t = e2e["timings"]
+        line = (f"\n### Memory: {args.memory_slices}-slice {args.size}² phantom\n\n"
+                f"Worker path (ResNet50 + ResNet18, batch {args.batch_size}): peak RSS "
+                f"**{e2e['peak_rss_mb']:.0f} MB** (limit 4096 MB); {e2e['seconds']:.0f} s, "
+                f"{e2e['slices_analysed']} slices analysed; stages "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()) + ".\n")
+        report.append(line)
+        print(line)
+    write_results(about, report, append=args.memory_only)
+
+
+def render(name: str, s: dict[str, float], e2e: dict[str, Any]) -> str:
+    n = int(s["slices"])
+    rows = [
+        ("decode (headers, order, pixels -> HU)", s["decode"]),
+        ("segmentation, scikit-image (reference)", s["segmentation (scikit-image)"]),
+        ("segmentation, torch (batched)", s["segmentation (torch)"]),
+        ("preprocessing", s["preprocessing"]),
+        ("classification ResNet50 fp32 + channels-last", s["classification ResNet50 fp32"]),
+        (f"classification ResNet50 bf16 + channels-last (from {int(s['bf16 sample slices'])} "
+         "slices)", s["classification ResNet50 bf16"]),
+        ("manifestation ResNet18 fp32 (every slice; upper bound)",
+         s["manifestation ResNet18 fp32 (all slices)"]),
+    ]
+    t = e2e["timings"]
+    if e2e["outcome"] != "analysed":
+        raise SystemExit(f"worker path did not analyse the study: {e2e['reason']}")
+    lines = [f"### {name}: {n} slices", "", "| stage | s per study | ms per slice |",
+             "|---|---:|---:|"]
+    lines += [f"| {label} | {sec:.2f} | {1e3 * sec / n:.1f} |" for label, sec in rows]
+    lines += [
+        "",
+        f"Dice torch vs scikit-image segmentation: {s['dice torch vs scikit-image']:.4f}; "
+        f"bf16 vs fp32 argmax agreement on the sample: {s['bf16 argmax agreement']:.3f}.",
+        "",
+        f"Worker path (`process_study_version`, fresh process, torch segmentation, device "
+        f"{e2e['device']}): **{e2e['seconds']:.1f} s** per study ({e2e['outcome']}, "
+        f"{e2e['slices_analysed']} slices analysed; model load {e2e['model_load']:.1f} s, once "
+        f"per process), peak RSS {e2e['peak_rss_mb']:.0f} MB. Stages as stored in "
+        "`analyses.timings`:",
+        "",
+        "| " + " | ".join(t) + " |",
+        "|" + "---:|" * len(t),
+        "| " + " | ".join(f"{v:.2f}" for v in t.values()) + " |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(about: str, report: list[str], append: bool = False) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    command = "benchmarks/bench_worker.py " + " ".join(
+        a for a in sys.argv[1:] if not a.startswith("--child"))
+    if append and RESULTS.exists():
+        with RESULTS.open("a") as fh:
+            fh.write(f"\nCommand: `.venv/bin/python {command.strip()}`, "
+                     f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {about}.\n")
+            fh.write("\n".join(report) + "\n")
+        print(f"\nappended to {RESULTS.relative_to(REPO)}")
+        return
+    RESULTS.write_text(
+        "# Worker benchmark\n\n"
+        f"Command: `.venv/bin/python {command.strip()}`, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n"
+        f"Machine: {about}; {os.getloadavg()[0]:.1f} at the end. Shared with other jobs while "
+        "it ran: numbers are noisy.\n\n"
+        "Target: <= 12 s per study on 2 CPU cores, <= 0.5 s on one H100; peak memory <= 4 GB "
+        "for 1000 slices.\n\n" + "\n".join(report) + "\n"
+    )
+    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
