@@ -219,8 +219,12 @@ def _read_native(fp: IO[bytes], syntax: UID) -> tuple[_Values, _PixelCheck]:
     try:
         header = scan_header(fp, syntax.is_implicit_VR, _WANTED)
         values = _Values(header.values, syntax.is_implicit_VR)
-    except (HeaderError, struct.error, LookupError, ValueError) as exc:
+    except HeaderError as exc:  # our own messages: where the walk failed, never a value
         raise Rejected(Status.CANNOT_PARSE, f"data set cannot be parsed ({exc})") from exc
+    except (struct.error, LookupError, ValueError) as exc:
+        raise Rejected(
+            Status.CANNOT_PARSE, f"data set cannot be parsed ({type(exc).__name__})"
+        ) from exc
 
     def check(image: _Image) -> None:
         _check_pixel_data(fp, header, syntax, image)
