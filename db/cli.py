@@ -87,7 +87,9 @@ def _register_subcommands() -> None:
     from model_train import cli as train_cli
     from scp import cli as scp_cli
     from worker import cli as worker_cli
+    from worker import demo
 
+    demo.register(app)
     scp_cli.register(app)
     worker_cli.register(app)
     cli_results.register(app)
