@@ -119,3 +119,33 @@ def test_transfer_syntaxes_are_stored_as_received(
         assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == syntax
         # and the pixels decode to the sender's
         assert (pydicom.dcmread(stored).pixel_array == pydicom.dcmread(source).pixel_array).all()
+
+
+def test_enhanced_ct_multiframe_is_stored(scp_sqlite: Running, tmp_path: Path) -> None:
+    from pydicom.uid import EnhancedCTImageStorage, generate_uid
+
+    from tests.scp.conftest import send_datasets
+
+    source = pydicom.dcmread(phantom(tmp_path, n_slices=1).paths[0])
+    ds = pydicom.Dataset()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID",
+                    "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
+        setattr(ds, keyword, getattr(source, keyword))
+    ds.SOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.NumberOfFrames = 3
+    ds.PixelData = source.PixelData * 3
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    (response,) = send_datasets(scp_sqlite.port, [ds])
+    assert response.Status == 0x0000
+    with session_scope(scp_sqlite.engine) as s:
+        row = s.scalars(select(Instance)).one()
+    assert row.sop_class_uid == EnhancedCTImageStorage
+    assert pydicom.dcmread(scp_sqlite.spool / row.path).NumberOfFrames == 3
+
+    ds.SOPInstanceUID = generate_uid()
+    ds.PixelData = source.PixelData * 2  # three frames announced, two sent
+    (response,) = send_datasets(scp_sqlite.port, [ds])
+    assert response.Status == 0xA901
