@@ -399,11 +399,11 @@ def _secondary_main(settings: Settings, parent_pid: int, index: int) -> None:
 def configure_process() -> None:
     """Process-wide switches of a listener process (``ctdx scp`` and its secondaries).
 
-    pydicom only decodes and encodes DIMSE command sets here (data sets are read
-    by :mod:`scp.header_scan`, never re-encoded); checking every command element
-    against its VR's regular expression was a sixth of the listener's CPU per
-    instance. Only set in listener processes: other code in a process (tests,
-    the report builder) keeps pydicom's validation.
+    pydicom only decodes DIMSE command sets and MPPS attribute lists here (data
+    sets are read by :mod:`scp.header_scan`, never re-encoded), so checking each
+    value against its VR's regular expression is work without a use: the
+    listener is tolerant when decoding. Only set in listener processes: other
+    code in a process (tests, the report builder) keeps pydicom's validation.
     """
     silence_identifier_logging()
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
