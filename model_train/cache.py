@@ -48,7 +48,7 @@ from model_train.sources import LoadedSlice, SliceSource, SourceError, load_slic
 logger = logging.getLogger(__name__)
 
 CHUNK = 16
-POOL_MIN_SLICES = 256  # below this, starting processes (each imports torch) costs more than it saves
+POOL_MIN_SLICES = 256  # below this, starting processes (each imports torch) costs more
 
 
 class CacheError(RuntimeError):

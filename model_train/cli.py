@@ -277,7 +277,16 @@ def train_command(
         ensure_cached(cfg, studies or rows, params, progress=sys.stderr.isatty())
         ensure_cached(cfg, rows, params, progress=sys.stderr.isatty())
         data = load_task_data(cfg, spec.task, folds[fold], rows, params, studies)
-        result = run_training(cfg, spec, data, run_dir(out, spec), resume=resume)
+        from model_train.progress import ProgressBar
+
+        bar = (ProgressBar(cfg.train.epochs * len(data.train), spec.name)
+               if sys.stderr.isatty() else None)
+        try:
+            result = run_training(cfg, spec, data, run_dir(out, spec), resume=resume,
+                                  on_batch=bar.advance if bar else None)
+        finally:
+            if bar:
+                bar.close()
     except _expected_errors() as exc:
         raise _user_error(str(exc)) from None
     typer.echo(f"{spec.name}: best epoch {result.best_epoch}, validation accuracy "

@@ -25,6 +25,7 @@ from model_train.data import (
     task_manifest,
 )
 from model_train.method.classes import TASKS
+from model_train.progress import ProgressBar
 from model_train.report import write_report
 from model_train.train import RunSpec, run_dir, run_is_done, run_training
 
@@ -76,7 +77,14 @@ def reproduce(
             for spec in todo:
                 if on_run:
                     on_run(spec, "start")
-                run_training(config, spec, data, run_dir(root, spec), resume=True)
+                bar = (ProgressBar(config.train.epochs * len(data.train), spec.name)
+                       if progress else None)
+                try:
+                    run_training(config, spec, data, run_dir(root, spec), resume=True,
+                                 on_batch=bar.advance if bar else None)
+                finally:
+                    if bar:
+                        bar.close()
                 trained.append(spec.name)
                 if on_run:
                     on_run(spec, "done")

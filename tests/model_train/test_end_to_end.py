@@ -23,6 +23,7 @@ from db.cli import app
 from model_train.config import Config, load_config, with_overrides
 from model_train.data import ensure_cached, load_task_data, study_manifest, task_folds
 from model_train.data import task_manifest as task_rows
+from model_train.export import choose_run
 from model_train.importers.dicom_table import import_dicom_table
 from model_train.importers.medseg import import_medseg
 from model_train.manifest import write_manifest
@@ -33,6 +34,12 @@ from model_train.synthetic import write_manifestation_set, write_recognition_set
 from model_train.train import RunSpec, load_train_checkpoint, run_training
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI configures logging on stderr, which the CLI runner swaps and closes."""
+    monkeypatch.setattr("model_train.cli._configure_logging", lambda: None)
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,8 @@ def test_reproduce_writes_every_table_and_figure_and_exports(smoke_data: SmokeDa
     assert meta.arch == "resnet18" and meta.model_version == "0.1"
     assert meta.preprocess.size == 32
     assert meta.training_data["pretrained"] is True
-    run = Path(exported.output.split(" from ")[-1].strip())
+    run = choose_run(out, "recognition", "P-ResNet18")
+    assert str(run) in exported.output
     result_json = json.loads((run / "result.json").read_text())
     assert meta.training_data["fold"] == result_json["fold"]
     config = _config(d)
