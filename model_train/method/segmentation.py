@@ -31,7 +31,7 @@ Step 2, the lung mask
       ground glass (-700..-300 for the most part) and well below fat.
     - Erosion by 1 mm (drops the partial-volume rim at the pleura and thin
       leaks), closing by 5 mm (bridges vessels and small dense lesions at the
-      lung edge), remove_small_objects below 100 mm² (4-connected).
+      lung edge), remove_small_objects of 100 mm² or less (4-connected).
     - Our addition: holes are filled (flood fill of the background from the image
       border, 4-connected), so vessels, nodules and consolidation *enclosed* by
       lung belong to the lung — "mapping the original HU into the region" means the
