@@ -12,9 +12,9 @@ batches; the best is reported, because the dev VM is shared with other work and 
 fastest run is the least disturbed. The load average at the start is recorded.
 
 The paper's grid (86,543 slices, 70% for training, 50 epochs, 20 recognition runs of
-ResNet18/50 plus 10 manifestation runs on 27,680 slices) needs about
-``0.7 * 86,543 * 50 * 20 = 60.6 M`` recognition images; the report estimates the
-hours at the measured ResNet50 and ResNet18 speeds.
+ResNet18/50 plus 10 manifestation runs on 27,680 slices) trains on about
+``0.7 * 86,543 * 50 * 20 = 60.6 M`` recognition images (30.3 M per architecture); the
+report estimates the hours at the measured ResNet18 and ResNet50 speeds.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def main() -> None:
         f"Machine: {machine(device)}; device {device}, {precision}, channels-last; "
         f"1-minute load average at the start {load:.2f}.",
         "",
-        "| network | input | batch | images/s (best of repeats) | paper-scale recognition "
-        "grid share: hours for 5 folds x 2 variants (60.6 M images / 4) |",
+        "| network | input | batch | images/s (best of repeats) | hours for the paper's 10 "
+        "recognition runs of this network (P- and UP-, 5 folds: 30.3 M images) |",
         "|---|---|---|---|---|",
     ]
     for arch, ips in rows:

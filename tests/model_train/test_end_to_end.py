@@ -172,10 +172,11 @@ def test_resume_continues_as_if_never_stopped(smoke_data: SmokeData, tmp_path: P
         torch.testing.assert_close(w1[k], w2[k])
 
 
-def test_cli_errors_are_one_line(tmp_path: Path) -> None:
-    bad = tmp_path / "m.csv"
-    bad.write_text("subject,study,path\n")
-    result = CliRunner().invoke(app, ["train", "reproduce", "smoke", "--manifest", str(bad),
-                                      "--out", str(tmp_path / "o")])
-    assert result.exit_code != 0
-    assert "missing column(s) class" in str(result.exception or result.output)
+def test_cli_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # a wide terminal: the error box elides long lines
+    (tmp_path / "m.csv").write_text("subject,study,path\n")
+    result = CliRunner().invoke(app, ["train", "reproduce", "smoke", "--manifest",
+                                      str(tmp_path / "m.csv"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "missing column(s) class" in result.output
+    assert "Traceback" not in result.output
