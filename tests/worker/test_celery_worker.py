@@ -60,6 +60,7 @@ def _wait_analysed(engine: Engine, version_id: int, worker: WorkerProcess,
         raise
 
 
+@pytest.mark.slow
 @pytest.mark.redis
 @pytest.mark.postgres
 def test_celery_worker_on_redis_analyses_a_study_once(
@@ -150,6 +151,7 @@ def test_worker_killed_mid_study_is_taken_over_once(
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_ctdx_worker_on_the_embedded_broker(
     tmp_path: Path, sqlite_url: str, checkpoints: Checkpoints, small_rules: Path,
     store: Callable[..., StoredStudy], start_worker: Callable[..., WorkerProcess],
