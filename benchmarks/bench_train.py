@@ -126,6 +126,10 @@ def main() -> None:
         f"Whole paper grid at these speeds (20 recognition + 10 manifestation runs, 50 epochs, "
         f"training only): about {total / 3600:.1f} hours.",
         "",
+        "A shared 2-core VM is no place for the paper's grid: the numbers show the loop "
+        "runs and what it costs here (other processes used the same cores, see the load "
+        "average). The grid is meant for a GPU; GPU numbers are added when one is measured.",
+        "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))

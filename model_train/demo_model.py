@@ -75,7 +75,7 @@ class DemoSettings:
     phantom_size: int = 128
     subjects_per_class: int = 4
     n_slices: int = 20
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 16
     lr: float = 1e-3
     manifestation_per_class: int = 12
