@@ -103,3 +103,22 @@ def test_dicom_table_rejects_unknown_class(tmp_path: Path) -> None:
         f"subject,class,file,infection\ns,Influenza,{study.paths[0].relative_to(tmp_path)},\n")
     with pytest.raises(DataImportError, match="Influenza"):
         import_dicom_table(tmp_path)
+
+
+def test_import_command_writes_a_readable_manifest(shared_data: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from db.cli import app
+    from model_train.manifest import read_manifest
+
+    monkeypatch.setattr("model_train.cli._configure_logging", lambda: None)
+    out = tmp_path / "medseg.csv"
+    result = CliRunner().invoke(app, ["train", "import", "medseg",
+                                      str(shared_data / "medseg-covid19-ggo-consolidation"),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "50 rows, 50 subjects" in result.output
+    manifest = read_manifest(out)
+    assert manifest.summary()["rows_per_manifestation"] == {
+        "ground_glass_opacity": 36, "consolidation": 14, "fibrotic_streaks": 0}
