@@ -146,6 +146,14 @@ class Settings(BaseSettings):
             "unset = the built-in rules of `worker/series_selection.py`."
         ),
     )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Torch intra-op threads per worker process; 0 = the cores divided by the worker's "
+            "concurrency. 1 is faster on a CPU shared with other busy processes."
+        ),
+    )
     claim_timeout: float = Field(
         300.0,
         ge=5,

@@ -57,8 +57,16 @@ def engine(settings: Settings) -> Engine:
     return engine_for(settings.resolved_database_url)
 
 
-def torch_threads(concurrency: int | None) -> int:
-    """Intra-op threads per process: the cores shared among the pool's processes."""
+def torch_threads(settings: Settings, concurrency: int | None) -> int:
+    """Intra-op threads per process: ``CTDX_TORCH_THREADS``, else the cores shared among the
+    pool's processes.
+
+    On a CPU busy with other processes, torch's threads wait for each other: on the 2-core dev
+    VM at load 3-4, one thread analysed a 148-slice study in 34-38 s, two threads in 54-56 s
+    (``benchmarks/results/worker.md``).
+    """
+    if settings.torch_threads:
+        return settings.torch_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // max(1, concurrency or 1))
 
@@ -81,7 +89,7 @@ def on_process_init(settings: Settings) -> None:
     """Pool process: size torch's thread pool, then load the models (errors are retried lazily)."""
     import torch
 
-    threads = torch_threads(_concurrency)
+    threads = torch_threads(settings, _concurrency)
     torch.set_num_threads(threads)
     logger.info("worker process %d: %d torch threads", os.getpid(), threads)
     try:
@@ -110,6 +118,10 @@ def get_models(settings: Settings) -> Models:
 def _load(settings: Settings) -> Models:
     if settings.model is None:
         raise WorkerNotReady("no recognition model configured (CTDX_MODEL)")
+    if settings.torch_threads:  # also where no worker_process_init ran (in-process, embedded)
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     from model_train.method.checkpoint import CheckpointError
     from model_train.method.inference import SliceClassifier
     from worker.pipeline import segmenter
