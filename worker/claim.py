@@ -167,6 +167,10 @@ def claim(
         if row.state != AnalysisState.RUNNING:
             logger.info("study version %d: already %s (analysis %d), nothing to do",
                         study_version_id, row.state, row.id)
+            # a requeued or redelivered version must not stay "queued": it is done
+            done = (VersionState.ANALYSED if row.state == AnalysisState.ANALYSED
+                    else VersionState.FAILED)
+            _set_version_state(session, study_version_id, done)
             return Claim(ClaimStatus.DONE, row.id, row.attempts, row.worker)
         stale = row.heartbeat_at < now - timedelta(seconds=claim_timeout)
         if not (stale or holder_is_dead(row.worker)):

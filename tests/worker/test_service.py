@@ -8,7 +8,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import OperationalError
 
 from db.models import Analysis, AnalysisState, SliceResult, StudyVersion, VersionState
@@ -73,8 +73,12 @@ def test_study_is_analysed_once_with_every_result_field(
     stored = _phantom(tmp_path, store, settings.resolved_database_url)
     first = _run(db, settings, stored.study_version_id)
     assert first.outcome is Outcome.ANALYSED
+    with session_scope(db) as session:  # as after `ctdx studies requeue` of a finished study
+        session.execute(update(StudyVersion).where(StudyVersion.id == stored.study_version_id)
+                        .values(state="queued"))
     again = _run(db, settings, stored.study_version_id)  # a redelivered / duplicated task
     assert again.outcome is Outcome.ALREADY_DONE and again.analysis_id == first.analysis_id
+    assert _version_state(db, stored.study_version_id) == "analysed"  # not left "queued"
 
     [analysis] = _analyses(db, stored.study_version_id)
     assert analysis.state == AnalysisState.ANALYSED and analysis.failure_reason is None
