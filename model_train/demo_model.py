@@ -60,11 +60,11 @@ from model_train.train import epoch_generator, evaluate, train_one_epoch
 
 logger = logging.getLogger(__name__)
 
-DEMO_NOTICE = "synthetic demonstration model — not for clinical use"
+DEMO_NOTICE = "synthetic demonstration model - not for clinical use"  # ASCII: goes into DICOM LO/ST text
 RECOGNITION_NAME = f"ctdx demo ResNet50 recognition ({DEMO_NOTICE})"
 MANIFESTATION_NAME = f"ctdx demo ResNet18 manifestations ({DEMO_NOTICE})"
 DEMO_VERSION = "demo-1"
-_CODE_REVISION = 1  # bump when the training recipe below changes
+_CODE_REVISION = 2  # bump when the training recipe below changes
 
 
 @dataclass(frozen=True)

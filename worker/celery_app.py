@@ -45,12 +45,13 @@ def broker_config(settings: Settings) -> tuple[str, dict[str, Any]]:
     url = settings.broker_url
     if url in ("embedded", "filesystem://"):
         queue_dir = (settings.data_dir / "queue").absolute()
-        for sub in ("messages", "processed"):
+        for sub in ("messages", "processed", "control"):
             Path(queue_dir / sub).mkdir(parents=True, exist_ok=True)
         return "filesystem://", {
             "data_folder_in": str(queue_dir / "messages"),
             "data_folder_out": str(queue_dir / "messages"),
             "processed_folder": str(queue_dir / "processed"),
+            "control_folder": str(queue_dir / "control"),  # default: ./control in the cwd
             "store_processed": False,
         }
     options: dict[str, Any] = {"visibility_timeout": visibility_timeout(settings)}

@@ -280,7 +280,7 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
     with console.status("preparing the model (first run trains the synthetic demo model)…"):
         models = demo_models(base, data_dir / "models")
     console.print(f"model: {models.recognition}"
-                  + ("  [yellow](synthetic demonstration model — not for clinical use)[/yellow]"
+                  + ("  [yellow](synthetic demonstration model - not for clinical use)[/yellow]"
                      if models.synthetic else ""))
     settings = load_settings(
         data_dir=run_dir,
