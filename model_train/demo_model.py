@@ -47,6 +47,7 @@ from model_train.method.checkpoint import (
     save_checkpoint,
 )
 from model_train.method.classes import METHOD_VERSION, RECOGNITION_CLASSES, Task, classes_for
+from model_train.method.hu import MIN_HU
 from model_train.method.networks import build_resnet
 from model_train.method.preprocess import (
     AugmentParams,
@@ -55,12 +56,13 @@ from model_train.method.preprocess import (
     to_network_input,
 )
 from model_train.phantom import PHANTOM_KINDS, phantom_volume
-from model_train.sources import MIN_HU, LoadedSlice
+from model_train.sources import LoadedSlice
 from model_train.train import epoch_generator, evaluate, train_one_epoch
 
 logger = logging.getLogger(__name__)
 
-DEMO_NOTICE = "synthetic demonstration model - not for clinical use"  # ASCII: goes into DICOM LO/ST text
+# ASCII only: it goes into DICOM LO/ST text of the SR
+DEMO_NOTICE = "synthetic demonstration model - not for clinical use"
 RECOGNITION_NAME = f"ctdx demo ResNet50 recognition ({DEMO_NOTICE})"
 MANIFESTATION_NAME = f"ctdx demo ResNet18 manifestations ({DEMO_NOTICE})"
 DEMO_VERSION = "demo-1"

@@ -31,11 +31,11 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from model_train.manifest import IMAGE_SUFFIXES, ManifestRow
+from model_train.method.hu import MIN_HU, rescale_to_hu
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_WINDOW: tuple[float, float] = (-600.0, 1500.0)
-MIN_HU = -1024.0
 
 
 class SourceError(ValueError):
@@ -94,8 +94,8 @@ def dicom_slice(path: Path) -> LoadedSlice:
 
     HU are computed as the worker computes them: ``stored * RescaleSlope +
     RescaleIntercept`` in float32, clipped below at -1024 HU (padding outside the
-    scan field reads as air); the same arithmetic as ``worker.loading.decode_hu``,
-    which a test checks bit for bit.
+    scan field reads as air): ``model_train.method.hu.rescale_to_hu``, the one
+    definition the worker's ``worker.loading.decode_hu`` uses too.
     """
     try:
         ds = pydicom.dcmread(path)
@@ -104,14 +104,7 @@ def dicom_slice(path: Path) -> LoadedSlice:
         raise SourceError(f"{path}: cannot decode DICOM pixels ({exc})") from exc
     if stored.ndim != 2:
         raise SourceError(f"{path}: expected one 2-D frame, got shape {stored.shape}")
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    hu = stored.astype(np.float32)
-    if slope != 1.0:
-        hu *= np.float32(slope)
-    if intercept != 0.0:
-        hu += np.float32(intercept)
-    np.maximum(hu, MIN_HU, out=hu)
+    hu = rescale_to_hu(stored, ds)
     spacing: float | None = None
     try:
         value = ds.get("PixelSpacing")

@@ -33,12 +33,12 @@ import pydicom
 from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 
+from model_train.method.hu import rescale_to_hu
 from worker.errors import InconsistentSeries, UndecodablePixelData
 from worker.study import InstanceRef
 
 logger = logging.getLogger(__name__)
 
-MIN_HU = -1024.0
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,7 @@ def decode_hu(info: SliceInfo) -> NDArray[np.float32]:
             info.sop_instance_uid,
             f"decoded shape {stored.shape} is not Rows x Columns {(info.rows, info.columns)}",
         )
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    hu = stored.astype(np.float32)
-    if slope != 1.0:
-        hu *= np.float32(slope)
-    if intercept != 0.0:
-        hu += np.float32(intercept)
-    np.maximum(hu, MIN_HU, out=hu)
+    hu = rescale_to_hu(stored, ds)
     return hu
 
 

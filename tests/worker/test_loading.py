@@ -20,10 +20,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from model_train.method.hu import MIN_HU
 from model_train.phantom import phantom_volume, write_phantom_series
 from tests.conftest import require_tool
 from worker.errors import InconsistentSeries, UndecodablePixelData
-from worker.loading import MIN_HU, decode_hu, iter_batches, order_series
+from worker.loading import decode_hu, iter_batches, order_series
 from worker.study import InstanceRef
 
 SIZE, N = 64, 12
