@@ -53,7 +53,8 @@ class DatabaseStatus:
 
 
 def status(url: str) -> DatabaseStatus:
-    """Connect and report the revision; raises ``sqlalchemy.exc.OperationalError`` if unreachable."""
+    """Connect and report the revision; raises ``sqlalchemy.exc.OperationalError`` if "
+    "unreachable."""
     engine = make_engine(url)
     try:
         return DatabaseStatus(url=url, current=current_revision(engine), head=head_revision())

@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     listener_processes: int = Field(
         1,
         ge=1,
-        description="Listener processes sharing the port (SO_REUSEPORT); more than 1 uses more cores.",
+        description=(
+            "Listener processes sharing the port (SO_REUSEPORT); more than 1 uses more cores."
+        ),
     )
     max_pdu: int = Field(
         262_144,
@@ -77,7 +79,9 @@ class Settings(BaseSettings):
     # --- storage ----------------------------------------------------------------
     data_dir: Path = Field(
         Path("ctdx-data"),
-        description="Spool (received instances, reports) and the default SQLite database live here.",
+        description=(
+            "Spool (received instances, reports) and the default SQLite database live here."
+        ),
     )
     database_url: str | None = Field(
         None,
@@ -96,30 +100,45 @@ class Settings(BaseSettings):
     quiet_seconds: float = Field(
         30.0,
         gt=0,
-        description="A study is complete after this many seconds with no new instance and no open association sending it.",
+        description=(
+            "A study is complete after this many seconds with no new instance and no "
+            "open association sending it."
+        ),
     )
     broker_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Celery broker URL (Redis in production; `memory://` or `embedded` for the no-service mode).",
+        description=(
+            "Celery broker URL (Redis in production; `memory://` or `embedded` for the "
+            "no-service mode)."
+        ),
     )
     outbox_poll_seconds: float = Field(
-        1.0, gt=0, description="How often the listener retries handing queued studies to the broker."
+        1.0,
+        gt=0,
+        description="How often the listener retries handing queued studies to the broker.",
     )
 
     # --- analysis -----------------------------------------------------------------
     model: Path | None = Field(
         None,
-        description="Path of the recognition checkpoint (ResNet50, written by `ctdx train export`).",
+        description=(
+            "Path of the recognition checkpoint (ResNet50, written by `ctdx train export`)."
+        ),
     )
     manifestation_model: Path | None = Field(
         None,
-        description="Path of the manifestation checkpoint (ResNet18); none = manifestations not reported.",
+        description=(
+            "Path of the manifestation checkpoint (ResNet18); none = manifestations not reported."
+        ),
     )
     covid_threshold: float = Field(
         0.05,
         ge=0.0,
         le=1.0,
-        description="Study is COVID-19 when the share of analysed slices called COVID-19 is above this (paper: 5%).",
+        description=(
+            "Study is COVID-19 when the share of analysed slices called COVID-19 is "
+            "above this (paper: 5%)."
+        ),
     )
     min_lung_fraction: float = Field(
         0.02,
@@ -127,7 +146,9 @@ class Settings(BaseSettings):
         le=1.0,
         description="Slices whose lung mask covers less than this share of the image are skipped.",
     )
-    batch_size: int = Field(32, ge=1, description="Slices per batch through segmentation and the networks.")
+    batch_size: int = Field(
+        32, ge=1, description="Slices per batch through segmentation and the networks."
+    )
     device: str = Field("auto", description="`auto` (GPU when present), `cpu` or `cuda[:N]`.")
     task_time_limit: int = Field(
         1800, ge=10, description="Hard time limit of one study analysis (seconds)."
@@ -164,8 +185,12 @@ class Settings(BaseSettings):
     )
 
     # --- reporting ----------------------------------------------------------------
-    pacs_ae_title: str = Field("PACS", max_length=16, description="AE title of the PACS that receives reports.")
-    pacs_host: str | None = Field(None, description="Host of the PACS; unset = reports are built but not sent.")
+    pacs_ae_title: str = Field(
+        "PACS", max_length=16, description="AE title of the PACS that receives reports."
+    )
+    pacs_host: str | None = Field(
+        None, description="Host of the PACS; unset = reports are built but not sent."
+    )
     pacs_port: int = Field(104, ge=1, le=65535, description="Port of the PACS.")
     report_outputs: Annotated[tuple[Literal["sr", "sc", "ko"], ...], NoDecode] = Field(
         ("sr",),

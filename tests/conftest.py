@@ -1,4 +1,4 @@
-"""Shared fixtures: real databases (SQLite file and the PostgreSQL service), free ports, shared data.
+"""Shared fixtures: real databases (SQLite file and PostgreSQL), free ports, shared data.
 
 Environment:
 - ``CTDX_TEST_POSTGRES_URL`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``):
@@ -120,9 +120,14 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
-             message: str = "condition") -> object:
-    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes (no fixed sleeps)."""
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> object:
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes (no fixed "
+    "sleeps)."""
     import time
 
     deadline = time.monotonic() + timeout
