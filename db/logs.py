@@ -8,6 +8,8 @@ is switched off here.
 from __future__ import annotations
 
 import logging
+import sys
+from typing import TextIO
 
 from rich.logging import RichHandler
 
@@ -22,6 +24,26 @@ def silence_identifier_logging() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
 
 
+class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is now, not the one at configuration time.
+
+    An entry point run twice in one process (tests through a CLI runner, the demo
+    calling ``ctdx results``) would otherwise keep writing to a stream that was
+    swapped out and closed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", rich: bool = False) -> None:
     """Configure the root logger once for a process (idempotent)."""
     silence_identifier_logging()
@@ -34,7 +56,7 @@ def configure_logging(level: str = "INFO", rich: bool = False) -> None:
         handler = RichHandler(show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     else:
-        handler = logging.StreamHandler()
+        handler = CurrentStderrHandler()
         handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
