@@ -185,7 +185,7 @@ def _env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTDX_")}
     for name in ("data_dir", "database_url", "broker_url", "model", "manifestation_model",
                  "series_rules", "batch_size", "claim_timeout", "task_time_limit", "device",
-                 "min_lung_fraction"):
+                 "min_lung_fraction", "pacs_ae_title", "pacs_host", "pacs_port"):
         value = getattr(settings, name)
         if value is not None:
             env[f"CTDX_{name.upper()}"] = str(value)

@@ -14,14 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from sqlalchemy import Engine, func, select
 
-from db.models import Analysis, SliceResult, StudyVersion
+from db.models import Analysis, Export, SliceResult, StudyVersion
 from db.session import make_engine, session_scope
 from db.settings import Settings
 from scp.outbox import CelerySender
 from scp.server import ScpService
 from tests.conftest import free_port, require_tool, wait_for
+from tests.report.conftest import StoreSCP, dsrdump
 from tests.worker.conftest import Checkpoints, WorkerProcess, analysis_settings
 
 REAL = {"COVID-19/P001": 148, "CAP/cap001": 168, "Normal/normal001": 154}
@@ -119,8 +121,15 @@ def test_real_series_through_listener_redis_and_celery_worker(
     checkpoints: Checkpoints, listener: Callable[..., ScpService],
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    """Production shape: Redis, PostgreSQL, `celery -A worker.celery_app worker`."""
-    settings = _settings(tmp_path, postgres_url, checkpoints, broker_url=f"{redis_url}/0")
+    """Production shape: Redis, PostgreSQL, `celery -A worker.celery_app worker`, dcmtk PACS.
+
+    The whole chain of issue 4's "done when": the real series ends as exactly one SR at the
+    PACS, in the original study, and the export outbox shows it delivered.
+    """
+    pacs = StoreSCP(tmp_path / "pacs", free_port())
+    pacs.start()
+    settings = _settings(tmp_path, postgres_url, checkpoints, broker_url=f"{redis_url}/0",
+                         pacs_ae_title=pacs.ae_title, pacs_host="127.0.0.1", pacs_port=pacs.port)
     service = listener(settings, queue=redis_queue)
     worker = start_worker(settings, redis_queue, "e2e-redis", pool="prefork")
     _storescu(service.port, [shared_data / "covid-ct-md" / "COVID-19" / "P001"])
@@ -131,5 +140,15 @@ def test_real_series_through_listener_redis_and_celery_worker(
         with session_scope(engine) as session:
             counts = session.scalars(select(Analysis.manifestation_counts)).one()
         assert counts is not None and sum(counts.values()) > 0  # the biased head calls COVID-19
+        [sr_file] = wait_for(pacs.files, timeout=60, message="the SR at the PACS")
+        sr = dcmread(sr_file)
+        study_uid = dcmread(next((shared_data / "covid-ct-md" / "COVID-19" / "P001").iterdir()),
+                            stop_before_pixels=True).StudyInstanceUID
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == study_uid
+        assert "COVID-19" in dsrdump(sr_file)  # dcmtk parses it and finds the study call
+        with session_scope(engine) as session:
+            [export] = session.scalars(select(Export)).all()
+        assert export.state == "delivered" and export.sop_instance_uid == sr.SOPInstanceUID
     finally:
+        pacs.stop()
         engine.dispose()
