@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from machine_info import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
 
 from model_train.method.inference import cpu_has_native_bf16  # noqa: E402
 from model_train.method.networks import Arch, build_resnet  # noqa: E402
@@ -65,14 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     cores = len(os.sched_getaffinity(0))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU used"
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16 (AVX2 at best)"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +31,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine_info import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
+
 from model_train.data import SliceSet  # noqa: E402
 from model_train.method.networks import Arch, build_resnet  # noqa: E402
 from model_train.method.preprocess import AugmentParams, PreprocessParams  # noqa: E402
@@ -39,16 +40,6 @@ from model_train.train import epoch_generator, resolve_device, train_one_epoch  
 
 PAPER_RECOGNITION_IMAGES = 0.7 * 86_543 * 50
 PAPER_MANIFESTATION_IMAGES = 0.7 * 27_680 * 50
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def machine(device: torch.device) -> str:
