@@ -265,9 +265,10 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
     """Run the demo; returns a process exit code."""
     import pydicom
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from sqlalchemy import select
 
     from db import migrate
-    from db.models import Analysis, StudyVersion
+    from db.models import Analysis, Study, StudyVersion
     from db.session import make_engine, session_scope
     from scp.server import ScpService
 
@@ -338,10 +339,6 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
 
             def state() -> str | None:
                 with session_scope(engine) as s:
-                    from sqlalchemy import select
-
-                    from db.models import Study
-
                     row = s.execute(
                         select(StudyVersion.state).join(Study)
                         .where(Study.study_instance_uid == study_uid)
@@ -349,10 +346,15 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
                     ).first()
                     return None if row is None else str(row[0])
 
+            sop_classes: dict[Path, str] = {}  # each received file's header is read once
+
             def sr_arrived() -> list[Path]:
-                return [p for p in pacs.received()
-                        if str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID)
-                        .startswith(SR_SOP_CLASS_PREFIX)]
+                for p in pacs.received():
+                    if p not in sop_classes:
+                        header = pydicom.dcmread(p, stop_before_pixels=True)
+                        sop_classes[p] = str(header.SOPClassUID)
+                return [p for p, uid in sop_classes.items()
+                        if uid.startswith(SR_SOP_CLASS_PREFIX)]
 
             with console.status("waiting…") as status:
                 last = None
@@ -378,8 +380,6 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
         pacs.stop()
 
     with session_scope(engine) as s:
-        from sqlalchemy import select
-
         analysis = s.scalars(select(Analysis).order_by(Analysis.id.desc())).first()
         if analysis is None or analysis.decision is None:
             reason = analysis.failure_reason if analysis is not None else "no analysis"
