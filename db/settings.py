@@ -239,8 +239,14 @@ class Settings(BaseSettings):
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
 
+    @property
+    def calling_ae_allow_list(self) -> tuple[str, ...] | None:
+        """The calling AE titles allowed to associate; ``None`` when any is (``*``)."""
+        return None if "*" in self.allowed_calling_aes else self.allowed_calling_aes
+
     def allows_calling_ae(self, ae_title: str) -> bool:
-        return "*" in self.allowed_calling_aes or ae_title.strip() in self.allowed_calling_aes
+        allowed = self.calling_ae_allow_list
+        return allowed is None or ae_title.strip() in allowed
 
 
 def _file_values(path: Path) -> dict[str, Any]:

@@ -102,8 +102,8 @@ def build_ae(settings: Settings) -> AE:
     ae.network_timeout = settings.network_timeout
     ae.dimse_timeout = settings.network_timeout
     ae.acse_timeout = min(30.0, settings.network_timeout)
-    if "*" not in settings.allowed_calling_aes:
-        ae.require_calling_aet = list(settings.allowed_calling_aes)
+    if settings.calling_ae_allow_list is not None:
+        ae.require_calling_aet = list(settings.calling_ae_allow_list)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     ae.add_supported_context(Verification, list(_UNCOMPRESSED))
