@@ -57,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="PostgreSQL admin URL (a database per run); default SQLite")
     parser.add_argument("--machine", default="2-core dev VM")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
+    parser.add_argument("--only", nargs="+", default=None, metavar="RECEIVER",
+                        help="run only receivers whose name starts with one of these "
+                        "(e.g. 'storescp default' 'ctdx scp'); for quick comparisons")
     return parser
 
 
@@ -366,6 +369,8 @@ def main(args: argparse.Namespace) -> Table:
             if senders > 1:
                 names.append("ctdx scp --processes 2")
             names.append("pynetdicom no-op (reference)")
+            if args.only:
+                names = [n for n in names if any(n.startswith(o) for o in args.only)]
             for name in names:
                 run = run_once(receivers[name], studies[:senders], args.slices, args.work)
                 table.runs.append(run)

@@ -57,7 +57,7 @@ from scp.outbox import CelerySender, OutboxDispatcher, Sender
 from scp.receive import stop_streaming, stream_received_data_sets_to
 from scp.spool import Spool
 from scp.store import InstanceStore
-from scp.transport import ListenerServer, use_fast_command_sets
+from scp.transport import ListenerServer, use_event_driven_waits, use_fast_command_sets
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ class Listener:
         )  # bound and listening; nothing is accepted before serve_forever
         stream_received_data_sets_to(self.spool.incoming)
         use_fast_command_sets(True)
+        use_event_driven_waits(True)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ctdx-listener",
@@ -186,6 +187,7 @@ class Listener:
             self._thread.join(timeout=5)
         stop_streaming()
         use_fast_command_sets(False)
+        use_event_driven_waits(False)
 
 
 class Housekeeper:

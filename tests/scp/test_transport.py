@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scp.transport import ReceivingSocket
+from scp.transport import EventDrivenAssociation, EventDrivenDUL, ReceivingSocket
 from tests.scp.conftest import Running, associate, wait_for
 
 
@@ -13,6 +13,14 @@ def test_associations_read_with_the_receiving_socket(scp_sqlite: Running) -> Non
         assert assoc.send_c_echo().Status == 0x0000
         active = wait_for(lambda: server.active_associations, timeout=10, message="acceptor")
         assert all(type(a.dul.socket) is ReceivingSocket for a in active)  # type: ignore[union-attr]
+        # both threads of the association wait for work instead of sleep-polling
+        assert all(type(a) is EventDrivenAssociation for a in active)
+        assert all(type(a.dul) is EventDrivenDUL for a in active)
+        import pynetdicom.association
+        import pynetdicom.dul
+
+        assert pynetdicom.dul.time.__class__.__name__ == "_Clock"
+        assert pynetdicom.association.time.__class__.__name__ == "_Clock"
 
 
 def _command_set(message_class: type, primitive: object) -> object:
