@@ -150,6 +150,13 @@ class Settings(BaseSettings):
         32, ge=1, description="Slices per batch through segmentation and the networks."
     )
     device: str = Field("auto", description="`auto` (GPU when present), `cpu` or `cuda[:N]`.")
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto",
+        description=(
+            "Network precision: `auto` = bf16 on a GPU; on a CPU the checkpoint's checked int8 "
+            "weights when it has them, else bf16 where native and faster, else fp32."
+        ),
+    )
     task_time_limit: int = Field(
         1800, ge=10, description="Hard time limit of one study analysis (seconds)."
     )

@@ -119,14 +119,15 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     from model_train.manifest import ManifestError
     from model_train.method.checkpoint import CheckpointError
     from model_train.method.networks import PretrainedWeightsError
+    from model_train.method.quantize import QuantizationError
     from model_train.report import ReportError
     from model_train.sources import SourceError
     from model_train.splits import SplitError
     from model_train.train import TrainError
 
     return (CacheError, ConfigError, DataError, ExportError, ManifestError, CheckpointError,
-            PretrainedWeightsError, ReportError, SourceError, SplitError, TrainError,
-            FileNotFoundError)
+            PretrainedWeightsError, QuantizationError, ReportError, SourceError, SplitError,
+            TrainError, FileNotFoundError)
 
 
 # --- import ------------------------------------------------------------------------------
@@ -379,6 +380,13 @@ def export_command(
         help="From a root: the network (default: best mean validation accuracy).")] = None,
     model_name: Annotated[str | None, typer.Option(help="Model name shown in the SR.")] = None,
     model_version: Annotated[str, typer.Option(help="Model version shown in the SR.")] = "1.0",
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="Also store int8 weights for CPU workers: calibrated on the run's "
+        "training slices, checked against fp32 on its validation and test slices (needs the "
+        "run's preprocessing cache).")] = False,
+    int8_min_agreement: Annotated[float, typer.Option(
+        "--int8-min-agreement", min=0.0, max=1.0,
+        help="Refuse the int8 weights when they call fewer held-out slices as fp32 does.")] = 0.99,
 ) -> None:
     """Write the worker's checkpoint (new model UID, classes, preprocessing, data summary)."""
     _configure_logging()
@@ -388,7 +396,7 @@ def export_command(
         raise _user_error(f"--task must be recognition or manifestation, not {task!r}")
     try:
         exported = export_run(run, out, model_name, model_version, task,  # type: ignore[arg-type]
-                              network)
+                              network, int8=int8, min_agreement=int8_min_agreement)
     except _expected_errors() as exc:
         raise _user_error(str(exc)) from None
     m = exported.meta

@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +39,12 @@ from torch import nn
 
 from model_train.cache import prepare_slices
 from model_train.data import SliceSet
+from model_train.int8 import int8_weights
 from model_train.method.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     CheckpointMeta,
+    Int8Weights,
     read_checkpoint_meta,
     save_checkpoint,
 )
@@ -55,6 +57,7 @@ from model_train.method.preprocess import (
     gray_from_uint8,
     to_network_input,
 )
+from model_train.method.quantize import QuantizationError
 from model_train.phantom import PHANTOM_KINDS, phantom_volume
 from model_train.sources import LoadedSlice
 from model_train.train import epoch_generator, evaluate, train_one_epoch
@@ -66,7 +69,7 @@ DEMO_NOTICE = "synthetic demonstration model - not for clinical use"
 RECOGNITION_NAME = f"ctdx demo ResNet50 recognition ({DEMO_NOTICE})"
 MANIFESTATION_NAME = f"ctdx demo ResNet18 manifestations ({DEMO_NOTICE})"
 DEMO_VERSION = "demo-1"
-_CODE_REVISION = 2  # bump when the training recipe below changes
+_CODE_REVISION = 3  # bump when the training recipe below changes (3: int8 weights)
 
 
 @dataclass(frozen=True)
@@ -196,12 +199,26 @@ def recalibrate_batchnorm(model: nn.Module, data: SliceSet, params: PreprocessPa
     model.eval()
 
 
+def _int8(model: nn.Module, params: PreprocessParams, train: SliceSet, held_out: SliceSet,
+          what: str) -> Int8Weights | None:
+    """int8 weights checked on held-out phantoms, or None (fp32 only) if they disagree."""
+    try:
+        return int8_weights(model, params, train, held_out,
+                            calibration_source=f"demo {what} training phantoms",
+                            evaluation_source=f"held-out demo {what} phantoms "
+                                              f"({len(held_out)} slices, other seeds)")
+    except QuantizationError as exc:
+        logger.warning("demo %s model kept fp32 only: %s", what, exc)
+        return None
+
+
 def _save(path: Path, model: nn.Module, task: Task, arch: str, name: str,
-          params: PreprocessParams, summary: dict[str, object]) -> None:
+          params: PreprocessParams, summary: dict[str, object],
+          int8: Int8Weights | None) -> None:
     meta = CheckpointMeta.new(task=task, arch=arch, model_name=name,  # type: ignore[arg-type]
                               model_version=DEMO_VERSION, training_data=summary,
                               preprocess=params)
-    save_checkpoint(path, model, meta)
+    save_checkpoint(path, model, meta, int8=int8)
 
 
 def build_demo_models(folder: Path, s: DemoSettings = DemoSettings()) -> DemoModelPaths:
@@ -216,17 +233,23 @@ def build_demo_models(folder: Path, s: DemoSettings = DemoSettings()) -> DemoMod
     rec_data = recognition_data(s, params)
     rec = build_resnet("resnet50", num_classes=3)
     _train(rec, rec_data, params, s.epochs, s, "recognition")
+    held = replace(s, seed=s.seed + 1, subjects_per_class=1, manifestation_per_class=4)
+    rec8 = _int8(rec, params, rec_data, recognition_data(held, params), "recognition")
     with tempfile.TemporaryDirectory(prefix="ctdx-demo-") as tmp:
         man_data = manifestation_data(s, params, Path(tmp))
+        man_held = manifestation_data(held, params, Path(tmp) / "held-out")
     man = build_resnet("resnet18", num_classes=3)
     _train(man, man_data, params, s.manifestation_epochs, s, "manifestation")
+    man8 = _int8(man, params, man_data, man_held, "manifestation")
     folder.mkdir(parents=True, exist_ok=True)
     paths = DemoModelPaths(folder / "recognition.pt", folder / "manifestation.pt")
     _save(paths.recognition, rec, "recognition", "resnet50", RECOGNITION_NAME, params,
-          {**common, "slices_per_class": rec_data.class_counts(classes_for("recognition"))})
+          {**common, "slices_per_class": rec_data.class_counts(classes_for("recognition"))},
+          rec8)
     assert paths.manifestation is not None
     _save(paths.manifestation, man, "manifestation", "resnet18", MANIFESTATION_NAME, params,
-          {**common, "slices_per_class": man_data.class_counts(classes_for("manifestation"))})
+          {**common, "slices_per_class": man_data.class_counts(classes_for("manifestation"))},
+          man8)
     logger.info("demo models trained in %.1f s", time.perf_counter() - start)
     return paths
 

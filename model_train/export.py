@@ -7,6 +7,12 @@ task's class names, the preprocessing parameters the run was trained with, the
 method version, and a summary of the training data (counts per set and class,
 the manifest's file name, fold, epochs; no subject identifiers).
 
+With ``int8=True`` the checkpoint also carries int8 weights for CPU serving
+(``model_train.method.quantize``): calibrated on the run's training slices and
+checked against fp32 on its validation and test slices (read from the run's
+preprocessing cache); the export fails when they agree less than
+``min_agreement``.
+
 ``RUN`` is either one run folder (``.../<task>/<network>/fold-<k>``) or the root
 of a reproduction. From a root, the network is the one given, else the one with
 the best mean validation accuracy over folds; the fold is the one with the best
@@ -24,8 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from model_train.config import Config, NetworkSpec, config_from_dict
-from model_train.method.checkpoint import CheckpointMeta, save_checkpoint
+from model_train.method.checkpoint import CheckpointMeta, Int8Weights, save_checkpoint
 from model_train.method.classes import Task
 from model_train.method.networks import build_resnet
 from model_train.metrics import mean_sd
@@ -79,6 +88,8 @@ def export_run(
     model_version: str = "1.0",
     task: Task = "recognition",
     network: str | None = None,
+    int8: bool = False,
+    min_agreement: float = 0.99,
 ) -> Exported:
     """Write the worker checkpoint of ``run`` (a run folder or a reproduction root) to ``out``."""
     run = Path(run)
@@ -113,9 +124,35 @@ def export_run(
         task=run_task, arch=spec.arch, model_name=name, model_version=model_version,
         training_data=_plain(training_data), preprocess=config.preprocess_params(),
     )
-    save_checkpoint(out, model, meta)
+    weights8 = _run_int8(model, config, run_task, int(result["fold"]), min_agreement) \
+        if int8 else None
+    save_checkpoint(out, model, meta, int8=weights8)
     logger.info("exported %s as %s %s (uid %s)", run, name, model_version, meta.model_uid)
     return Exported(Path(out), meta, run)
+
+
+def _run_int8(model: nn.Module, config: Config, task: Task, fold: int,
+              min_agreement: float) -> Int8Weights:
+    """int8 weights from the run's own fold: train slices calibrate, held-out slices check."""
+    from model_train.data import SliceSet, load_task_data, task_folds, task_manifest
+    from model_train.int8 import int8_weights
+
+    params = config.preprocess_params()
+    manifest = task_manifest(config, task)
+    data = load_task_data(config, task, task_folds(config, task, manifest)[fold], manifest,
+                          params)
+    held_out = SliceSet(
+        torch.cat([data.validation.gray, data.test.gray]),
+        torch.cat([data.validation.labels, data.test.labels]),
+        data.validation.subjects + data.test.subjects,
+        data.validation.studies + data.test.studies,
+        data.validation.paths + data.test.paths,
+    )
+    return int8_weights(model, params, data.train, held_out,
+                        calibration_source=f"training set of fold {fold}",
+                        evaluation_source=f"validation and test sets of fold {fold} "
+                                          f"({len(held_out)} slices)",
+                        min_agreement=min_agreement, seed=config.split.seed)
 
 
 def _plain(value: Any) -> Any:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_models: dict[tuple[str, str | None, str, str], Models] = {}
+_models: dict[tuple[str, str | None, str, str, str], Models] = {}
 _concurrency: int | None = None
 
 
@@ -104,6 +104,7 @@ def get_models(settings: Settings) -> Models:
         str(settings.model),
         str(settings.manifestation_model) if settings.manifestation_model else None,
         settings.device,
+        settings.precision,
         settings.segmentation_backend,
     )
     with _lock:
@@ -124,21 +125,25 @@ def _load(settings: Settings) -> Models:
         torch.set_num_threads(settings.torch_threads)
     from model_train.method.checkpoint import CheckpointError
     from model_train.method.inference import SliceClassifier
+    from model_train.method.quantize import QuantizationError
     from worker.pipeline import segmenter
 
     try:
         recognition = SliceClassifier.from_checkpoint(
-            settings.model, task="recognition", device=settings.device
+            settings.model, task="recognition", device=settings.device,
+            precision=settings.precision,
         )
         manifestation = (
             SliceClassifier.from_checkpoint(
-                settings.manifestation_model, task="manifestation", device=settings.device
+                settings.manifestation_model, task="manifestation", device=settings.device,
+                precision=settings.precision,
             )
             if settings.manifestation_model
             else None
         )
         segment = segmenter(settings.segmentation_backend, recognition.device)
-    except (CheckpointError, ValueError) as exc:  # ValueError: a CUDA device that is not there
+    except (CheckpointError, QuantizationError, ValueError) as exc:  # ValueError: no CUDA device,
+        # or a precision this device or checkpoint cannot serve
         raise WorkerNotReady(str(exc)) from exc
     except ImportError as exc:  # a segmentation backend whose dependencies are missing
         raise WorkerNotReady(f"segmentation backend {settings.segmentation_backend!r}: {exc}") \

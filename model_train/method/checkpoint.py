@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from torch import nn
 from model_train.method.classes import METHOD_VERSION, TASKS, Task, classes_for
 from model_train.method.networks import ARCHS, Arch, build_resnet
 from model_train.method.preprocess import PreprocessParams, PreprocessParamsError
+from model_train.method.quantize import Int8Report, QuantizationError
 
 logger = logging.getLogger(__name__)
 
@@ -137,18 +139,29 @@ class CheckpointMeta:
 
 
 @dataclass(frozen=True)
+class Int8Weights:
+    """Optional int8 weights of a checkpoint (``model_train.method.quantize``)."""
+
+    state_dict: Mapping[str, Any]
+    report: Int8Report
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A network in eval mode on its device, and the metadata it was saved with."""
 
     model: nn.Module
     meta: CheckpointMeta
+    int8: Int8Weights | None = None
 
 
-def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> None:
+def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta,
+                    int8: Int8Weights | None = None) -> None:
     """Write ``model``'s weights (as float32, on CPU) with ``meta`` to ``path`` atomically.
 
     Refuses a model whose weights do not fit ``meta.arch`` with
     ``len(meta.class_names)`` outputs, so a written checkpoint always loads.
+    ``int8``, when given, is stored beside them (key ``int8``: its state and report).
     """
     state = {
         k: (v.detach().to("cpu").float() if v.is_floating_point() else v.detach().to("cpu"))
@@ -161,6 +174,9 @@ def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> None:
     payload: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     payload.update(meta.to_dict())
     payload["state_dict"] = state
+    if int8 is not None:
+        # the state_dict object itself: its _metadata holds the quantised modules' versions
+        payload["int8"] = {"state_dict": int8.state_dict, "report": int8.report.to_dict()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -206,7 +222,10 @@ def _read_payload(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # int8 entries: torch's own deprecation notices
+            warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip, pickle and weights-only errors have unrelated types
         raise CheckpointError(
             f"{path} is not a ctdx checkpoint (unreadable by torch.load with weights_only): {exc}"
@@ -297,8 +316,22 @@ def load_checkpoint(path: Path, task: Task, device: str | torch.device = "cpu") 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
+    int8 = _int8_from_payload(payload, path)
     logger.info(
         "loaded %s model %s %s (uid %s, %s) on %s",
         meta.task, meta.model_name, meta.model_version, meta.model_uid, meta.arch, device,
     )
-    return LoadedModel(model=model, meta=meta)
+    return LoadedModel(model=model, meta=meta, int8=int8)
+
+
+def _int8_from_payload(payload: Mapping[str, Any], path: Path) -> Int8Weights | None:
+    raw = payload.get("int8")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: its int8 entry is malformed (no state_dict)")
+    try:
+        report = Int8Report.from_dict(raw.get("report") or {})
+    except QuantizationError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    return Int8Weights(state_dict=raw["state_dict"], report=report)

@@ -141,6 +141,25 @@ def test_reproduce_writes_every_table_and_figure_and_exports(smoke_data: SmokeDa
         expected = np.array([[float(r["p_covid19"]), float(r["p_other_pneumonia"]),
                               float(r["p_normal"])] for r in csv.DictReader(fh)])
     np.testing.assert_allclose(probs, expected, atol=1e-4)
+    # --int8: calibrated on the run's training slices, checked on its held-out slices
+    q_file = tmp_path / "model-int8.pt"
+    q_export = runner.invoke(app, ["train", "export", str(out), "--out", str(q_file),
+                                   "--network", "P-ResNet18", "--int8",
+                                   "--int8-min-agreement", "0"])
+    assert q_export.exit_code == 0, q_export.output
+    q_loaded = load_checkpoint(q_file, task="recognition")
+    assert q_loaded.int8 is not None
+    q_report = q_loaded.int8.report
+    held_out = len(data.validation) + len(data.test)
+    assert q_report.evaluation_slices == held_out
+    assert f"fold {result_json['fold']}" in q_report.calibration_source
+    assert q_report.calibration_slices == min(len(data.train), 256)
+    served = SliceClassifier(q_loaded, device="cpu", precision="auto")
+    assert served.precision == "int8"
+    held_x = to_network_input(gray_from_uint8(
+        torch.cat([data.validation.gray, data.test.gray]), meta.preprocess), meta.preprocess)
+    same = (served.predict(held_x).argmax(1) == classifier.predict(held_x).argmax(1)).mean()
+    assert float(same) == pytest.approx(q_report.argmax_agreement, abs=1e-6)
     # a second export is a new model: new UID
     runner.invoke(app, ["train", "export", str(out), "--out", str(tmp_path / "m2.pt"),
                         "--network", "P-ResNet18"])

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from db.settings import load_settings
 from tests.worker.conftest import Checkpoints, analysis_settings
 from worker import runtime
+from worker.errors import WorkerNotReady
 
 
 def test_torch_threads_share_the_cores_unless_set() -> None:
@@ -26,3 +29,10 @@ def test_models_load_once_per_process(tmp_path: Path, sqlite_url: str,
     assert again is first  # another task, same models: not reloaded
     assert first.identity.model_name == "test-recognition"
     assert first.manifestation is not None and first.device.startswith("cpu")
+
+
+def test_a_precision_the_checkpoint_cannot_serve_stops_the_worker_with_the_fix(
+        tmp_path: Path, sqlite_url: str, checkpoints: Checkpoints) -> None:
+    settings = analysis_settings(tmp_path / "data", sqlite_url, checkpoints, None)
+    with pytest.raises(WorkerNotReady, match=r"no int8 weights: export it with .*--int8"):
+        runtime.get_models(settings.model_copy(update={"precision": "int8"}))
