@@ -135,6 +135,8 @@ def test_sr_states_the_analysis_and_survives_a_strict_round_trip(
         i.TextValue for i in items(sr, hd.sr.CodedConcept("111002", "DCM", "Algorithm Parameters"))
     ]
     assert f"model_uid={MODEL_UID}" in parameters
+    assert "inference: cpu (2 threads), int8 x86 (agreement 0.998), channels-last, torch 2.14.1" \
+        in parameters  # how the networks ran: precision is part of what produced the call
     device = items(sr, hd.sr.CodedConcept("121012", "DCM", "Device Observer UID"))
     assert device[0].UID == MODEL_UID
 

@@ -60,6 +60,7 @@ class ReportInput:
     slices_skipped: int
     finished_at: datetime
     slices: tuple[SliceInfo, ...]
+    device: str | None = None  # what ran the networks, e.g. "cpu (2 threads), int8 x86 (...)"
 
     @property
     def covid_slices(self) -> tuple[SliceInfo, ...]:
@@ -165,4 +166,5 @@ def load_report_input(session: Session, analysis_id: int) -> ReportInput:
         ),
         finished_at=finished_at,
         slices=slices,
+        device=analysis.device,
     )

@@ -92,6 +92,7 @@ def algorithm(inp: ReportInput) -> hd.sr.AlgorithmIdentification:
             f"covid_threshold={inp.threshold:g} (share of analysed slices)",
             "study call: COVID-19 when the share of analysed slices classified COVID-19 "
             "is above the threshold (Chen et al. 2021)",
+            *([f"inference: {inp.device}"] if inp.device else []),
         ],
         manufacturer=MANUFACTURER,
     )
