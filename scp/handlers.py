@@ -21,6 +21,7 @@ from pydicom import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_RELEASE
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -79,6 +80,13 @@ class ListenerContext:
     engine: Engine
     associations: Associations
     on_completed: Callable[[], None] = lambda: None  # wake the outbox dispatcher
+    flush_seconds: float = 60.0  # longest a release waits for its instances' rows
+
+    def flush(self) -> None:
+        """Wait until every instance acknowledged so far has its database row."""
+        if not self.store.recorder.flush(self.flush_seconds):
+            logger.warning("instance rows not written within %.0f s; they follow when the "
+                           "database accepts them", self.flush_seconds)
 
 
 def _calling_ae(assoc: Association) -> str:
@@ -152,6 +160,8 @@ def handle_mpps_set(event: Event, ctx: ListenerContext) -> tuple[int | Dataset, 
     try:
         modifications = event.modification_list
         report = mpps.parse_step(modifications)
+        if report.status == mpps.COMPLETED:
+            ctx.flush()  # the instances it references were acknowledged: see their rows
         now = utcnow()
         with session_scope(ctx.engine) as session:
             step_id = mpps.set_step(session, uid, report, now)
@@ -210,10 +220,20 @@ def handle_aborted(event: Event) -> None:
     )
 
 
+def handle_release_request(event: Event, ctx: ListenerContext) -> None:
+    """A-RELEASE-RQ received: answer it only once the association's instances have rows."""
+    primitive = event.primitive  # type: ignore[attr-defined]
+    if isinstance(primitive, A_RELEASE) and primitive.result is None:
+        ctx.flush()
+
+
 def handle_closed(event: Event, ctx: ListenerContext) -> None:
     """The connection is gone (release, abort or time-out): release the association's leases."""
     lease = ctx.associations.end(event.assoc)
-    if lease is None or not lease.versions:
+    if lease is None:
+        return
+    ctx.flush()  # rows still being written would add lease rows after ours are gone
+    if not lease.versions:
         return
     try:
         with session_scope(ctx.engine) as session:
@@ -233,5 +253,6 @@ def event_handlers(ctx: ListenerContext) -> list[tuple[Any, ...]]:
         (evt.EVT_ACCEPTED, handle_accepted, [ctx]),
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_ABORTED, handle_aborted),
+        (evt.EVT_ACSE_RECV, handle_release_request, [ctx]),
         (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
     ]

@@ -44,10 +44,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DuplicateInstance",
+    "Received",
     "RegistryCache",
     "Resolved",
     "StoredInstance",
     "delete_leases",
+    "record_batch",
     "record_instance",
     "stored_instance",
 ]
@@ -204,18 +206,27 @@ _BUMP = (
         _VERSIONS.c.id == bindparam("version_id"),
         _VERSIONS.c.state == VersionState.RECEIVING.value,
     )
-    .values(last_received_at=bindparam("now"), instance_count=_VERSIONS.c.instance_count + 1)
+    .values(
+        last_received_at=bindparam("now"),
+        instance_count=_VERSIONS.c.instance_count + bindparam("count"),
+    )
 )
 
 
-def _bump(session: Executor, version_id: int, now: datetime) -> bool:
-    """Count one more instance in an open version; ``False`` when it is no longer receiving."""
-    result = _connection(session).execute(_BUMP, {"version_id": version_id, "now": now})
+def _bump(session: Executor, version_id: int, now: datetime, count: int = 1) -> bool:
+    """Count ``count`` more instances in an open version; ``False`` when it no longer receives."""
+    result = _connection(session).execute(
+        _BUMP, {"version_id": version_id, "now": now, "count": count}
+    )
     return bool(result.rowcount)
 
 
 def _open_version(
-    session: Executor, study_id: int, calling_ae_title: str | None, now: datetime
+    session: Executor,
+    study_id: int,
+    calling_ae_title: str | None,
+    now: datetime,
+    count: int = 1,
 ) -> tuple[int, int]:
     """The study's receiving version (counting this instance), opening n+1 when none is open."""
     for _ in range(5):
@@ -226,7 +237,7 @@ def _open_version(
             .limit(1)
         ).one_or_none()
         if latest is not None and latest.state == VersionState.RECEIVING.value:
-            if _bump(session, latest.id, now):
+            if _bump(session, latest.id, now, count):
                 return int(latest.id), int(latest.version)
             continue  # completed between the two statements: look again
         number = 1 if latest is None else int(latest.version) + 1
@@ -240,7 +251,7 @@ def _open_version(
                 "calling_ae_title": calling_ae_title,
                 "first_received_at": now,
                 "last_received_at": now,
-                "instance_count": 1,
+                "instance_count": count,
             },
             ["study_id", "version"],
         )
@@ -259,7 +270,7 @@ def record_instance(
     relative_path: str,
     sealed: Sealed,
     calling_ae_title: str | None,
-    holder: str,
+    holder: str | None,
     leased_versions: frozenset[int],
     lease_expires_at: datetime,
     now: datetime,
@@ -268,7 +279,8 @@ def record_instance(
     """Record one received instance in its study's open version.
 
     ``holder`` names the association; a lease row for (version, holder) is
-    added unless ``leased_versions`` says this association already holds one.
+    added unless ``leased_versions`` says this association already holds one
+    (``None``: no association, e.g. an instance recorded at start-up).
 
     Raises
     ------
@@ -306,7 +318,7 @@ def record_instance(
     if instance_id is None:
         raise DuplicateInstance(header.sop_instance_uid)
     lease_added = False
-    if version_id not in leased_versions:
+    if holder is not None and version_id not in leased_versions:
         _insert_ignore(
             session,
             _LEASES,
@@ -315,6 +327,91 @@ def record_instance(
         )
         lease_added = True
     return Resolved(study_id, series_id, version_id, number, lease_added)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One instance of a batch for :func:`record_batch`."""
+
+    header: InstanceHeader
+    relative_path: str
+    sealed: Sealed
+    calling_ae_title: str | None
+    holder: str | None
+    leased_versions: frozenset[int]
+    received_at: datetime
+
+
+_PLAIN_INSERT: dict[str, Any] = {}
+
+
+def record_batch(
+    connection: Connection,
+    batch: list[Received],
+    lease_expires_at: datetime,
+    cache: RegistryCache,
+) -> list[Resolved]:
+    """Record several instances in one transaction: what :func:`record_instance` does for
+    each, with one version update per study and one multi-row INSERT of the instances.
+
+    Raises
+    ------
+    sqlalchemy.exc.IntegrityError
+        One of them is already recorded: roll back and record them one by one.
+    """
+    by_study: dict[str, list[int]] = {}
+    for index, item in enumerate(batch):
+        by_study.setdefault(item.header.study_instance_uid, []).append(index)
+    resolved: list[Resolved | None] = [None] * len(batch)
+    rows: list[dict[str, Any]] = []
+    leases: dict[tuple[int, str], None] = {}
+    for indexes in by_study.values():
+        first = batch[indexes[0]]
+        study_id = cache.study(first.header.study_instance_uid)
+        if study_id is None:
+            study_id = _study_id(connection, first.header)
+        latest = max(batch[i].received_at for i in indexes)
+        cached = cache.version(study_id)
+        if cached is not None and _bump(connection, cached[0], latest, len(indexes)):
+            version_id, number = cached
+        else:
+            version_id, number = _open_version(
+                connection, study_id, first.calling_ae_title, latest, len(indexes)
+            )
+        for i in indexes:
+            item = batch[i]
+            series_id = cache.series(item.header.series_instance_uid)
+            if series_id is None:
+                series_id = _series_id(connection, study_id, item.header)
+            rows.append({
+                "series_id": series_id,
+                "study_version_id": version_id,
+                "sop_instance_uid": item.header.sop_instance_uid,
+                "sop_class_uid": item.header.sop_class_uid,
+                "transfer_syntax_uid": item.header.transfer_syntax_uid,
+                "path": item.relative_path,
+                "size_bytes": item.sealed.size_bytes,
+                "sha256": item.sealed.sha256,
+                "calling_ae_title": item.calling_ae_title,
+                "received_at": item.received_at,
+            })
+            lease_added = False
+            if item.holder is not None and version_id not in item.leased_versions:
+                leases[(version_id, item.holder)] = None
+                lease_added = True
+            resolved[i] = Resolved(study_id, series_id, version_id, number, lease_added)
+    insert = _PLAIN_INSERT.get("instances")
+    if insert is None:
+        insert = _PLAIN_INSERT.setdefault("instances", _INSTANCES.insert())
+    connection.execute(insert, rows)
+    for version_id, holder in leases:
+        _insert_ignore(
+            connection,
+            _LEASES,
+            {"study_version_id": version_id, "holder": holder, "expires_at": lease_expires_at},
+            ["study_version_id", "holder"],
+        )
+    return [r for r in resolved if r is not None]
 
 
 def stored_instance(session: Executor, sop_instance_uid: str) -> StoredInstance | None:

@@ -8,9 +8,11 @@ interrupted transfers). With ``CTDX_LISTENER_PROCESSES`` > 1 it also spawns
 one core receives) and keep their own associations' leases alive.
 
 Start-up recovery (primary, before listening): leftover temporary files are
-deleted, leases of dead processes of this host are dropped, versions still
-``receiving`` get a fresh quiet period (their senders are likely to resend),
-and outbox rows not yet dispatched are sent by the dispatcher as usual.
+deleted, acknowledged instances without a database row (``.unindexed`` links,
+see :mod:`scp.recorder`) are recorded, leases of dead processes of this host
+are dropped, versions still ``receiving`` get a fresh quiet period (their
+senders are likely to resend), and outbox rows not yet dispatched are sent by
+the dispatcher as usual.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from scp import completion, registry
 from scp.handlers import Associations, ListenerContext, event_handlers
 from scp.outbox import CelerySender, OutboxDispatcher, Sender
 from scp.receive import stop_streaming, stream_received_data_sets_to
+from scp.recorder import ORPHAN_SECONDS, reindex_unindexed
 from scp.spool import Spool
 from scp.store import InstanceStore
 from scp.transport import ListenerServer, use_event_driven_waits, use_fast_command_sets
@@ -139,7 +142,9 @@ class Listener:
             self.spool, engine, settings.min_free_bytes, lease_ttl_seconds=LEASE_TTL_SECONDS
         )
         self.associations = Associations()
-        self.context = ListenerContext(self.store, engine, self.associations)
+        self.context = ListenerContext(
+            self.store, engine, self.associations, flush_seconds=settings.network_timeout
+        )
         self.ae = build_ae(settings)
         self._server: ListenerServer | None = None
         self._thread: threading.Thread | None = None
@@ -161,6 +166,7 @@ class Listener:
             server_class=ListenerServer,
             reuse_port=self.reuse_port,
         )  # bound and listening; nothing is accepted before serve_forever
+        self.store.recorder.start()
         stream_received_data_sets_to(self.spool.incoming)
         use_fast_command_sets(True)
         use_event_driven_waits(True)
@@ -185,6 +191,7 @@ class Listener:
             assoc.abort()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.store.recorder.stop()
         stop_streaming()
         use_fast_command_sets(False)
         use_event_driven_waits(False)
@@ -225,6 +232,9 @@ class Housekeeper:
         if clock - self._last_sweep >= SWEEP_SECONDS:
             stale = 2 * self.settings.network_timeout + 60  # no live transfer is idle that long
             self.listener.spool.clear_incoming(older_than_seconds=stale)
+            # a dead secondary's acknowledged instances: no live recorder holds links this old
+            reindex_unindexed(self.listener.spool, self.engine, self.listener.store.cache,
+                              older_than_seconds=ORPHAN_SECONDS)
             self._last_sweep = clock
         expire = clock - self._last_expiry >= HEARTBEAT_SECONDS
         if expire:
@@ -370,6 +380,8 @@ def recover(settings: Settings, engine: Engine) -> None:
     spool = Spool(settings.spool_dir)
     spool.prepare()
     removed = spool.clear_incoming()
+    # acknowledged instances whose rows a crash kept from being written: record them now
+    reindex_unindexed(spool, engine, registry.RegistryCache())
     now = utcnow()
     with session_scope(engine) as session:
         dropped = completion.drop_dead_leases(session)

@@ -27,9 +27,10 @@ from scp.instance import InstanceHeader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INCOMING_DIR", "Sealed", "Spool", "relative_path"]
+__all__ = ["INCOMING_DIR", "UNINDEXED_DIR", "Sealed", "Spool", "relative_path"]
 
 INCOMING_DIR = ".incoming"
+UNINDEXED_DIR = ".unindexed"  # acknowledged instances whose row is not written yet
 _CHUNK = 1 << 20
 
 
@@ -63,12 +64,13 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root.absolute()
         self.incoming = self.root / INCOMING_DIR
+        self.unindexed = self.root / UNINDEXED_DIR
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
         """Create the spool and its incoming folder (idempotent)."""
-        for path in (self.root, self.incoming):
+        for path in (self.root, self.incoming, self.unindexed):
             if not path.is_dir():
                 path.mkdir(parents=True, exist_ok=True)
                 fsync_directory(path.parent)
@@ -131,6 +133,74 @@ class Spool:
 
     def sync_directory(self, relative: str) -> None:
         fsync_directory(self.path_of(relative).parent)
+
+    # --- the .unindexed links: acknowledged, row not yet written (see scp.recorder) ----------
+
+    def mark(self, received: Path, sop_instance_uid: str) -> bool:
+        """Link the received file as ``.unindexed/<SOP Instance UID>``; ``False`` if one is there.
+
+        Exclusive across threads and processes: while the link exists, the
+        instance is being recorded by whoever made it.
+        """
+        try:
+            os.link(received, self.unindexed / sop_instance_uid)
+        except FileExistsError:
+            return False
+        return True
+
+    def is_marked(self, sop_instance_uid: str) -> bool:
+        return (self.unindexed / sop_instance_uid).exists()
+
+    def unmark(self, sop_instance_uid: str) -> None:
+        """The row is committed (or the instance refused): drop the link (no fsync needed:
+        a link that comes back after a crash is recorded again as a duplicate, harmlessly)."""
+        (self.unindexed / sop_instance_uid).unlink(missing_ok=True)
+
+    def unmark_if_same(self, received: Path, sop_instance_uid: str) -> None:
+        """Undo :meth:`mark` when the link still points at the received file."""
+        marker = self.unindexed / sop_instance_uid
+        try:
+            if os.path.samefile(received, marker):
+                marker.unlink()
+        except FileNotFoundError:
+            pass
+
+    def marked(self) -> list[tuple[str, Path]]:
+        """(SOP Instance UID, link) of every acknowledged instance without a row."""
+        try:
+            return [(entry.name, Path(entry.path)) for entry in os.scandir(self.unindexed)
+                    if entry.is_file(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+
+    def unlink_if_marked(self, sop_instance_uid: str, relative: str | None) -> None:
+        """Remove the final name ``relative`` when it is the same file as the instance's link."""
+        if relative is None:
+            return
+        marker = self.unindexed / sop_instance_uid
+        final = self.path_of(relative)
+        try:
+            if os.path.samefile(marker, final):
+                final.unlink()
+        except FileNotFoundError:
+            pass
+
+    def sync_marked(self, relative: str) -> None:
+        """Make both names of a new instance durable: its directory and ``.unindexed``."""
+        fsync_directory(self.path_of(relative).parent)
+        fsync_directory(self.unindexed)
+
+    def restore_final(self, marker: Path, relative: str) -> None:
+        """Start-up: give a recovered instance its final name if the crash came first."""
+        final = self.path_of(relative)
+        if final.exists():
+            return
+        self._ensure_directory(final.parent)
+        try:
+            os.link(marker, final)
+        except FileExistsError:
+            return
+        fsync_directory(final.parent)
 
     def place(self, sealed_path: Path, relative: str) -> None:
         """Atomically replace the file under ``relative`` by a sealed file, durably.

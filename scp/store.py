@@ -2,40 +2,46 @@
 
 Order, so that success is only ever answered for what survives a crash:
 
-1. disk-space guard (``CTDX_MIN_FREE_BYTES``) before anything is written;
+1. disk-space guard (``CTDX_MIN_FREE_BYTES``) and database health before
+   anything is written;
 2. header read and checked (:mod:`scp.instance`); its UIDs name the file;
-3. the received file gets its final name by a hard link, which never replaces
-   a file already there; it is hashed and fsynced, then its directory;
-4. one short transaction: the instance row claims its SOP Instance UID
-   (unique) in the study's open version, then COMMIT, then success.
+3. a committed row under the SOP Instance UID makes this a duplicate (below);
+4. the received file is linked as ``.unindexed/<SOP Instance UID>`` (exclusive:
+   the claim while its row is pending) and under its final name (a hard link,
+   which never replaces a file already there); it is fsynced, then both
+   directories;
+5. success. Its row is written by the process's :class:`~scp.recorder.Recorder`
+   (batched with other associations', one commit), which then removes the
+   ``.unindexed`` link; start-up recovery records any link a crash left.
 
-A row therefore always has its durable file. A crash before the commit leaves
-at most a complete but unclaimed file under the final name; the sender's resend
-finds it there and takes the slow path: claim first, then atomically replace
-the file inside the claiming transaction. Duplicates (the claim fails):
-identical bytes are a success with nothing written twice; different bytes keep
-the first copy and answer 0x0111 (see ``docs/dicom-conformance.md``).
+So when 0x0000 is sent, the bytes and both names are on stable storage, and the
+database row follows within milliseconds (before the association's release is
+answered). A crash after the links but before success leaves a complete file
+that start-up records; the sender's resend is then an identical duplicate.
+A file already under the final name with no row and no claim (a crash before
+its record under the old protocol) is atomically replaced once claimed.
+Duplicates: identical bytes are a success with nothing written twice; different
+bytes keep the first copy and answer 0x0111 (see ``docs/dicom-conformance.md``).
+A resend that finds the instance claimed but not yet recorded waits for the row.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import threading
-from contextlib import AbstractContextManager, nullcontext
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from sqlalchemy import Engine
-from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
 
 from db.models import utcnow
 from scp import registry
 from scp.instance import InstanceHeader, read_instance_header
 from scp.receive import take_digest
+from scp.recorder import Pending, Recorder
 from scp.spool import Sealed, Spool, relative_path
 from scp.status import Rejected, Status
 
@@ -53,7 +59,9 @@ class Outcome(Enum):
 class StoreResult:
     outcome: Outcome
     header: InstanceHeader
-    study_version_id: int
+
+
+_CLAIM_WAIT_SECONDS = 10.0  # a resend waiting for a claimed instance's row
 
 
 class AssociationLease:
@@ -80,13 +88,7 @@ class InstanceStore:
         self.min_free_bytes = min_free_bytes
         self.lease_ttl_seconds = lease_ttl_seconds
         self.cache = registry.RegistryCache()
-        # one factory for the process: the hot path should not build one per instance
-        self._sessions = sessionmaker(bind=engine, expire_on_commit=False)
-        # SQLite has one writer at a time and makes a waiting connection sleep (1, 2, 5, 10 ms
-        # ...) before retrying; queueing this process's writers on a lock hands over at once
-        self._write_lock: AbstractContextManager[object] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
-        )
+        self.recorder = Recorder(engine, spool, self.cache, lease_ttl_seconds)
 
     def store(
         self,
@@ -99,67 +101,69 @@ class InstanceStore:
         """Store the file pynetdicom received at ``received``; raises :class:`Rejected`."""
         digest = take_digest(received)  # taken while it was written; always collect it
         self._check_space()
+        if not self.recorder.healthy:
+            raise Rejected(
+                Status.OUT_OF_RESOURCES_STORAGE, "database unavailable; instance not stored"
+            )
         header = read_instance_header(
             received, transfer_syntax_uid, sop_class_uid, sop_instance_uid
         )
+        known = None if digest is None else Sealed(digest.size_bytes, digest.sha256)
+        deadline = time.monotonic() + _CLAIM_WAIT_SECONDS
+        while True:
+            existing = self._stored(header.sop_instance_uid)
+            if existing is not None:
+                return self._duplicate(received, header, existing, known)
+            if self._claim(received, header.sop_instance_uid):
+                break
+            # another association (or process) is recording this SOP Instance UID: its row
+            # comes within milliseconds, then this is a duplicate like any other
+            if time.monotonic() > deadline:
+                raise Rejected(Status.OUT_OF_RESOURCES_STORAGE,
+                               "same instance is being stored by another association; retry")
+            time.sleep(0.002)
         relative = relative_path(header)
+        uid = header.sop_instance_uid
         linked = False
         try:
             linked = self.spool.link_new(received, relative)
-            known = None if digest is None else Sealed(digest.size_bytes, digest.sha256)
+            if not linked:
+                existing = self._stored(uid)  # recorded since we looked: a duplicate
+                if existing is not None:
+                    self.spool.unmark_if_same(received, uid)
+                    return self._duplicate(received, header, existing, known)
             sealed = self.spool.seal(received, known)
-            if linked:
-                self.spool.sync_directory(relative)
+            if not linked:
+                # a file without row or claim: a crash's leftover, never acknowledged
+                self.spool.place(received, relative)
+            self.spool.sync_marked(relative)
+        except Rejected:
+            self.spool.unmark_if_same(received, uid)
+            raise
         except OSError as exc:
             if linked:
                 self.spool.remove_if_same(received, relative)
+            self.spool.unmark_if_same(received, uid)
             raise _storage_failure(exc, "instance could not be written to the spool") from exc
+        self.recorder.submit(Pending(header, relative, sealed, lease, utcnow()))
+        return StoreResult(Outcome.STORED, header)
+
+    def _claim(self, received: Path, sop_instance_uid: str) -> bool:
         try:
-            with self._write_lock, self.engine.begin() as connection:
-                resolved = self._record(connection, header, relative, sealed, lease)
-                if not linked:  # a file is there already: replace it only once claimed
-                    self.spool.place(received, relative)
-        except registry.DuplicateInstance:
-            if linked:
-                self.spool.remove_if_same(received, relative)
-            return self._duplicate(received, header, sealed.sha256)
+            return self.spool.mark(received, sop_instance_uid)
         except OSError as exc:
             raise _storage_failure(exc, "instance could not be written to the spool") from exc
+
+    def _stored(self, sop_instance_uid: str) -> registry.StoredInstance | None:
+        try:
+            with self.engine.connect() as connection:
+                return registry.stored_instance(connection, sop_instance_uid)
         except SQLAlchemyError as exc:
-            if linked:
-                self.spool.remove_if_same(received, relative)
-            logger.error(
-                "database refused instance %s: %s", sop_instance_uid, type(exc).__name__
-            )
+            logger.error("database refused instance %s: %s", sop_instance_uid,
+                         type(exc).__name__)
             raise Rejected(
                 Status.OUT_OF_RESOURCES_STORAGE, "database unavailable; instance not stored"
             ) from exc
-        self.cache.remember(header, resolved)
-        if resolved.lease_added:
-            lease.versions = lease.versions | {resolved.study_version_id}
-        return StoreResult(Outcome.STORED, header, resolved.study_version_id)
-
-    def _record(
-        self,
-        session: Connection,
-        header: InstanceHeader,
-        relative: str,
-        sealed: Sealed,
-        lease: AssociationLease,
-    ) -> registry.Resolved:
-        now = utcnow()
-        return registry.record_instance(
-            session,
-            header,
-            relative,
-            sealed,
-            calling_ae_title=lease.calling_ae_title,
-            holder=lease.holder,
-            leased_versions=lease.versions,
-            lease_expires_at=registry.lease_expiry(now, self.lease_ttl_seconds),
-            now=now,
-            cache=self.cache,
-        )
 
     def _check_space(self) -> None:
         try:
@@ -173,11 +177,14 @@ class InstanceStore:
                 f"{self.min_free_bytes // 1_000_000} MB guard",
             )
 
-    def _duplicate(self, received: Path, header: InstanceHeader, sha256: str) -> StoreResult:
-        with self._sessions.begin() as session:
-            existing = registry.stored_instance(session, header.sop_instance_uid)
-        if existing is None:  # pragma: no cover - the claim failed, so the row exists
-            raise Rejected(Status.OUT_OF_RESOURCES_STORAGE, "instance claim failed; retry")
+    def _duplicate(
+        self,
+        received: Path,
+        header: InstanceHeader,
+        existing: registry.StoredInstance,
+        known: Sealed | None,
+    ) -> StoreResult:
+        sha256 = known.sha256 if known is not None else self.spool.seal(received).sha256
         if existing.sha256 != sha256:
             raise Rejected(
                 Status.DUPLICATE_SOP_INSTANCE,
@@ -187,8 +194,12 @@ class InstanceStore:
             # the stored file went missing or was damaged behind our back: repair it
             logger.warning("instance %s: stored file missing or damaged, rewritten",
                            header.sop_instance_uid)
-            self.spool.place(received, existing.path)
-        return StoreResult(Outcome.DUPLICATE, header, existing.study_version_id)
+            try:
+                self.spool.seal(received, known)
+                self.spool.place(received, existing.path)
+            except OSError as exc:
+                raise _storage_failure(exc, "instance could not be written to the spool") from exc
+        return StoreResult(Outcome.DUPLICATE, header)
 
 
 def _storage_failure(exc: OSError, what: str) -> Rejected:
