@@ -1,4 +1,10 @@
-"""Tables written by the worker (migration 0002): one analysis per study version and model."""
+"""Tables written by the worker (migrations 0002, 0005): one analysis per study version and model.
+
+A slice is identified by its SOP Instance UID **and** ``frame_number`` (1-based,
+NULL for a single-frame instance): an Enhanced CT instance holds many slices.
+Within an analysis a slice is unique by ``slice_index`` (its place in position
+order), never by SOP Instance UID.
+"""
 
 from __future__ import annotations
 
@@ -56,10 +62,12 @@ class Analysis(Base):
 
 class SliceResult(Base):
     __tablename__ = "slice_results"
+    __table_args__ = (UniqueConstraint("analysis_id", "slice_index"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     analysis_id: Mapped[int] = mapped_column(ForeignKey("analyses.id"), index=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    frame_number: Mapped[int | None] = mapped_column(Integer)  # 1-based; NULL: single-frame
     slice_index: Mapped[int] = mapped_column(Integer)  # 0 = first in position order
     position_z: Mapped[float | None] = mapped_column(Float)
     lung_area_mm2: Mapped[float | None] = mapped_column(Float)
