@@ -233,3 +233,223 @@ def write_phantom_series(
 def phantom_labels(kind: PhantomKind, n_slices: int) -> Sequence[bool]:
     """Lesion flag per slice, head first, without rendering images."""
     return [0.2 < i / max(n_slices - 1, 1) < 0.85 and kind != "normal" for i in range(n_slices)]
+
+
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"  # pydicom.uid.EnhancedCTImageStorage
+
+
+def _item(**values: object) -> pydicom.Dataset:
+    import pydicom
+
+    ds = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def enhanced_phantom_dataset(
+    kind: PhantomKind,
+    n_slices: int = 60,
+    size: int = 512,
+    seed: int = 0,
+    frame_order: Sequence[int] | None = None,
+    per_frame_rescale: bool = False,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    patient_id: str = "PHANTOM-0001",
+) -> pydicom.Dataset:
+    """The phantom of :func:`phantom_datasets` as one Enhanced CT Image Storage instance.
+
+    Same HU, positions, spacing and patient as the classic series of the same
+    arguments. ``frame_order[k]`` is the phantom slice (head first) stored as frame
+    ``k + 1``: a shuffled order checks that readers sort frames by position.
+    ``per_frame_rescale`` puts Pixel Value Transformation in the per-frame groups
+    with an intercept that alternates between -1024 and -2048 (the stored values
+    compensate); otherwise it is shared.
+
+    Modules and functional groups are those of the Enhanced CT IOD (PS3.3 A.38)
+    for an ORIGINAL image, so that dicom3tools' ``dciodvfy`` finds no error.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    volume = phantom_volume(kind, n_slices=n_slices, size=size, seed=seed)
+    order = list(frame_order) if frame_order is not None else list(range(n_slices))
+    if sorted(order) != list(range(n_slices)):
+        raise ValueError("frame_order must be a permutation of range(n_slices)")
+    study_uid = study_instance_uid or generate_uid()
+    series_uid = series_instance_uid or generate_uid()
+    sop_uid = generate_uid()
+    now = datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    spacing = 350.0 / size
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(ENHANCED_CT_IMAGE_STORAGE)
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    # SOP Common, Patient, General Study
+    ds.SOPClassUID = ENHANCED_CT_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.PatientName = "PHANTOM^SYNTHETIC"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyDate = date
+    ds.StudyTime = time
+    ds.AccessionNumber = f"SYN{seed:05d}"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.StudyDescription = f"Synthetic chest phantom ({kind})"
+    # General Series, CT Series, Frame of Reference
+    ds.Modality = "CT"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = 3
+    ds.SeriesDate = date
+    ds.SeriesTime = time
+    ds.SeriesDescription = "Synthetic phantom, lung kernel, enhanced"
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientPosition = "HFS"
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = ""
+    # General and Enhanced General Equipment
+    ds.Manufacturer = "ctdx synthetic phantom"
+    ds.ManufacturerModelName = "phantom"
+    ds.DeviceSerialNumber = "0"
+    ds.SoftwareVersions = "ctdx"
+    # Image Pixel and Enhanced CT Image
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.AcquisitionNumber = 1
+    ds.AcquisitionDateTime = date + time
+    ds.AcquisitionDuration = 1.0
+    ds.ContentQualification = "RESEARCH"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = size
+    ds.Columns = size
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.BurnedInAnnotation = "NO"
+    ds.AcquisitionContextSequence = []
+    # Multi-frame Functional Groups and Multi-frame Dimension
+    ds.InstanceNumber = 1
+    ds.ContentDate = date
+    ds.ContentTime = time
+    ds.NumberOfFrames = n_slices
+    dimension_uid = generate_uid()
+    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dimension_uid)]
+    ds.DimensionOrganizationType = "3D"
+    ds.DimensionIndexSequence = [
+        _item(DimensionOrganizationUID=dimension_uid, DimensionIndexPointer=0x00209056,
+              FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="Stack ID"),
+        _item(DimensionOrganizationUID=dimension_uid, DimensionIndexPointer=0x00209057,
+              FunctionalGroupPointer=0x00209111,
+              DimensionDescriptionLabel="In-Stack Position Number"),
+    ]
+    chest = _item(CodeValue="51185008", CodingSchemeDesignator="SCT", CodeMeaning="Chest")
+    shared = _item(
+        PixelMeasuresSequence=[_item(PixelSpacing=[spacing, spacing], SliceThickness=2.0)],
+        PlaneOrientationSequence=[_item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])],
+        FrameAnatomySequence=[_item(AnatomicRegionSequence=[chest], FrameLaterality="U")],
+        FrameVOILUTSequence=[_item(WindowCenter=-600, WindowWidth=1500)],
+        IrradiationEventIdentificationSequence=[_item(IrradiationEventUID=generate_uid())],
+        CTImageFrameTypeSequence=[_item(
+            FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"], PixelPresentation="MONOCHROME",
+            VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
+        )],
+        CTAcquisitionTypeSequence=[_item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO",
+                                         FluoroscopyFlag="NO")],
+        CTAcquisitionDetailsSequence=[_item(
+            DataCollectionDiameter=500.0, RevolutionTime=0.5, SingleCollimationWidth=0.625,
+            TotalCollimationWidth=40.0, TableHeight=150.0, GantryDetectorTilt=0.0,
+        )],
+        CTTableDynamicsSequence=[_item(TableSpeed=80.0, TableFeedPerRotation=40.0,
+                                       SpiralPitchFactor=1.0)],
+        CTGeometrySequence=[_item(DistanceSourceToDetector=1085.6,
+                                  DistanceSourceToDataCollectionCenter=595.0)],
+        CTReconstructionSequence=[_item(
+            ReconstructionAlgorithm="FILTER_BACK_PROJ", ConvolutionKernel="LUNG",
+            ConvolutionKernelGroup="LUNG", ImageFilter="NONE", ReconstructionDiameter=350.0,
+            ReconstructionPixelSpacing=[spacing, spacing], ReconstructionAngle=90.0,
+        )],
+        CTExposureSequence=[_item(
+            ExposureTimeInms=500.0, XRayTubeCurrentInmA=200.0, ExposureInmAs=100.0,
+            ExposureModulationType="NONE", CTDIvol=8.0,
+            CTDIPhantomTypeCodeSequence=[_item(CodeValue="113691", CodingSchemeDesignator="DCM",
+                                               CodeMeaning="IEC Body Dosimetry Phantom")],
+        )],
+        CTXRayDetailsSequence=[_item(KVP=120, FocalSpots=[1.2], FilterType="BODY",
+                                     FilterMaterial=["ALUMINUM"])],
+    )
+    if not per_frame_rescale:
+        shared.PixelValueTransformationSequence = [
+            _item(RescaleIntercept=-1024, RescaleSlope=1, RescaleType="HU")
+        ]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    # positions: phantom slice i lies at z = -2 i; In-Stack Position 1 is the lowest z
+    frames = []
+    pixels = np.empty((n_slices, size, size), dtype=np.uint16)
+    for k, slice_index in enumerate(order):
+        sl = volume[slice_index]
+        intercept = -2048 if per_frame_rescale and k % 2 else -1024
+        pixels[k] = (sl.hu.astype(np.int32) - intercept).astype(np.uint16)
+        frame = _item(
+            FrameContentSequence=[_item(
+                FrameAcquisitionNumber=1,
+                FrameReferenceDateTime=date + time,
+                FrameAcquisitionDateTime=date + time,
+                FrameAcquisitionDuration=500.0,
+                StackID="1",
+                InStackPositionNumber=n_slices - slice_index,
+                DimensionIndexValues=[1, n_slices - slice_index],
+            )],
+            PlanePositionSequence=[_item(ImagePositionPatient=[-175.0, -175.0, sl.z_mm])],
+            CTPositionSequence=[_item(
+                TablePosition=sl.z_mm,
+                ReconstructionTargetCenterPatient=[0.0, 0.0, sl.z_mm],
+                DataCollectionCenterPatient=[0.0, 0.0, sl.z_mm],
+            )],
+        )
+        if per_frame_rescale:
+            frame.PixelValueTransformationSequence = [
+                _item(RescaleIntercept=intercept, RescaleSlope=1, RescaleType="HU")
+            ]
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def write_enhanced_phantom(
+    out_dir: Path,
+    kind: PhantomKind = "covid19",
+    n_slices: int = 60,
+    size: int = 512,
+    seed: int = 0,
+    frame_order: Sequence[int] | None = None,
+    per_frame_rescale: bool = False,
+    transfer_syntax_uid: str | None = None,
+    **uids: str,
+) -> PhantomStudy:
+    """Write :func:`enhanced_phantom_dataset` as ``out_dir/<SOPInstanceUID>.dcm``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ds = enhanced_phantom_dataset(kind, n_slices=n_slices, size=size, seed=seed,
+                                  frame_order=frame_order, per_frame_rescale=per_frame_rescale,
+                                  **uids)
+    if transfer_syntax_uid is not None:
+        ds.compress(transfer_syntax_uid)
+    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return PhantomStudy(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                        (str(ds.SOPInstanceUID),), (path,), kind)

@@ -138,6 +138,7 @@ def _slice_rows(batch: SliceBatch, fractions: NDArray[np.float64],
         area = float(pixels) * info.pixel_area_mm2 if info.pixel_area_mm2 is not None else None
         rows.append(SliceRow(
             sop_instance_uid=info.sop_instance_uid,
+            frame_number=info.frame_number,
             slice_index=info.index,
             position_z=info.position,
             lung_area_mm2=area,

@@ -14,9 +14,18 @@ the same shape replaces it via ``CTDX_SERIES_RULES``):
   (a match ranks first; e.g. lung or sharp reconstruction kernels).
 
 Attributes are the fields of :class:`SeriesCandidate`, read from the series'
-first instance header and its instance count. The reason names series by
-number, UID and technical attributes only (never a description: it may carry
-free text), so it can be logged.
+first instance header and its instance count. An Enhanced CT series (one
+multi-frame instance whose frames are described by functional groups) is
+described like a classic one: ``slice_count`` counts its frames (over all its
+instances), ``slice_thickness`` comes from the Pixel Measures functional group,
+``axial_cosine`` from Plane Orientation and ``convolution_kernel`` from CT
+Reconstruction (per-frame groups of the first frame, else the shared groups),
+so "most slices" and "thinnest slices" rank both kinds alike. ``sop_class``
+names the SOP Class (``CT Image Storage``, ``Enhanced CT Image Storage``, ...);
+``number_of_frames`` is the frames per instance (1 for classic CT).
+
+The reason names series by number, UID and technical attributes only (never a
+description: it may carry free text), so it can be logged.
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from pydicom.uid import UID
+
 from worker.errors import NoUsableSeries
-from worker.loading import read_header, slice_normal
+from worker.loading import frame_count, functional_group, is_multiframe, read_header, slice_normal
 from worker.study import SeriesRef
 
 logger = logging.getLogger(__name__)
@@ -49,9 +60,10 @@ class SeriesCandidate:
     convolution_kernel: str | None
     slice_thickness: float | None
     axial_cosine: float | None  # |z component of the slice normal|; 1 = exactly axial
-    number_of_frames: int
+    number_of_frames: int  # frames per instance (of the first instance): 1 for classic CT
     rows: int | None
     columns: int | None
+    sop_class: str | None = None  # SOP Class name, e.g. "Enhanced CT Image Storage"
 
     def label(self) -> str:
         number = f"series {self.series_number}" if self.series_number is not None else "series"
@@ -145,11 +157,19 @@ LUNG_KERNELS = (
     "BONE*", "L", "YA", "YB", "YC", "FC5*", "FC8*",
 )
 
+#: SOP Classes the loader reads (worker/loading.py): classic CT, one slice per instance, and
+#: Enhanced CT, many frames per instance described by functional groups.
+CT_SOP_CLASSES = (
+    "CT Image Storage",
+    "Enhanced CT Image Storage",
+    "Legacy Converted Enhanced CT Image Storage",
+)
+
 DEFAULT_RULES: Mapping[str, Any] = {
     "filters": [
         {"attribute": "modality", "in": ["CT"]},
         {"attribute": "image_type", "excludes": ["LOCALIZER"]},
-        {"attribute": "number_of_frames", "max": 1},
+        {"attribute": "sop_class", "in": list(CT_SOP_CLASSES)},
         {"attribute": "axial_cosine", "min": 0.9},
         {"attribute": "slice_count", "min": 16},
     ],
@@ -242,31 +262,60 @@ def load_rules(path: Path | None) -> SeriesRules:
     return rules_from_mapping(data)
 
 
+def _frame_attribute(ds: Any, macro: str, keyword: str) -> Any:
+    """``keyword`` from functional group ``macro`` of the first frame, else the top level."""
+    if is_multiframe(ds):
+        item = functional_group(ds, 0, macro)
+        if item is not None and keyword in item:
+            return item.get(keyword)
+    return ds.get(keyword)
+
+
+def _sop_class_name(uid: str | None) -> str | None:
+    if not uid:
+        return None
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
 def describe_series(series: SeriesRef) -> SeriesCandidate:
-    """Technical attributes of ``series`` from its first instance's header."""
+    """Technical attributes of ``series`` from its first instance's header.
+
+    For a multi-frame series the slice count is the sum of every instance's
+    Number of Frames (one header per further instance is read; Enhanced CT
+    series usually have a single instance).
+    """
     ds = read_header(series.instances[0])
     axial: float | None = None
-    orientation = ds.get("ImageOrientationPatient")
+    orientation = _frame_attribute(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
     if orientation is not None and len(orientation) == 6:
         try:
             axial = abs(float(slice_normal([float(v) for v in orientation])[2]))
         except ValueError:
             axial = None
-    kernel = ds.get("ConvolutionKernel")
-    thickness = ds.get("SliceThickness")
-    frames = ds.get("NumberOfFrames")
+    kernel = _frame_attribute(ds, "CTReconstructionSequence", "ConvolutionKernel")
+    thickness = _frame_attribute(ds, "PixelMeasuresSequence", "SliceThickness")
+    frames = frame_count(ds)
+    slice_count = len(series.instances)
+    if is_multiframe(ds):
+        slice_count = frames + sum(
+            frame_count(read_header(ref)) for ref in series.instances[1:]
+        )
     return SeriesCandidate(
         series_instance_uid=series.series_instance_uid,
         series_number=series.series_number,
         modality=series.modality or ds.get("Modality"),
-        slice_count=len(series.instances),
+        slice_count=slice_count,
         image_type=tuple(str(v).upper() for v in _as_tuple(ds.get("ImageType"))),
         convolution_kernel="\\".join(str(k) for k in _as_tuple(kernel)) or None,
         slice_thickness=float(thickness) if thickness not in (None, "") else None,
         axial_cosine=axial,
-        number_of_frames=int(frames) if frames not in (None, "") else 1,
+        number_of_frames=frames,
         rows=int(ds.Rows) if "Rows" in ds else None,
         columns=int(ds.Columns) if "Columns" in ds else None,
+        sop_class=_sop_class_name(
+            str(ds.get("SOPClassUID", "")) or series.instances[0].sop_class_uid
+        ),
     )
 
 

@@ -45,6 +45,7 @@ class SliceRow:
     p_consolidation: float | None = None
     p_fibrotic_streaks: float | None = None
     manifestation: str | None = None
+    frame_number: int | None = None  # 1-based frame of a multi-frame (Enhanced CT) instance
 
 
 @dataclass(frozen=True)

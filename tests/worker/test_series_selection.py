@@ -66,6 +66,7 @@ def _cand(**kw: object) -> SeriesCandidate:
         series_instance_uid="1.2.3", series_number=1, modality="CT", slice_count=100,
         image_type=("ORIGINAL", "PRIMARY", "AXIAL"), convolution_kernel="B30f",
         slice_thickness=1.0, axial_cosine=1.0, number_of_frames=1, rows=512, columns=512,
+        sop_class="CT Image Storage",
     )
     base.update(kw)
     return SeriesCandidate(**base)  # type: ignore[arg-type]
