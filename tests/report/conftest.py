@@ -118,13 +118,16 @@ def record_analysis(
     model_uid: str = MODEL_UID,
     model_name: str = "ctdx-resnet50",
     manifestations: bool = True,
+    frame_numbers: list[int | None] | None = None,
 ) -> AnalysedStudy:
     """Listener and worker rows for one series in the spool (``paths`` in slice order).
 
     Apex and base slice are skipped (too little lung); lesion slices are
     called ``kind`` (COVID-19 with p growing along the series), the others
-    normal.
+    normal. With ``frame_numbers`` the slices are frames: ``paths[i]`` is the
+    multi-frame file holding slice ``i`` as frame ``frame_numbers[i]``.
     """
+    frames = frame_numbers or [None] * len(paths)
     headers = [dcmread(p, stop_before_pixels=True) for p in paths]
     study_uid = str(headers[0].StudyInstanceUID)
     series_uid = str(headers[0].SeriesInstanceUID)
@@ -141,14 +144,18 @@ def record_analysis(
             study_id=study.id,
             version=len(previous) + 1,
             state=VersionState.ANALYSED,
-            instance_count=n_slices,
+            instance_count=len(set(sop_uids)),
         )
         series = Series(
             study_id=study.id, series_instance_uid=series_uid, modality="CT", series_number=2
         )
         s.add_all([version, series])
         s.flush()
+        added: set[str] = set()
         for header, path in zip(headers, paths, strict=True):
+            if str(header.SOPInstanceUID) in added:  # frames of one instance
+                continue
+            added.add(str(header.SOPInstanceUID))
             data = path.read_bytes()
             s.add(
                 Instance(
@@ -202,7 +209,7 @@ def record_analysis(
         )
         s.add(analysis)
         s.flush()
-        for index, (sop, call) in enumerate(zip(sop_uids, calls, strict=True)):
+        for index, (sop, frame, call) in enumerate(zip(sop_uids, frames, calls, strict=True)):
             predicted = call[0] if call else None
             manifestation = (
                 MANIFESTATIONS[index % 3] if manifestations and predicted == "covid19" else None
@@ -211,6 +218,7 @@ def record_analysis(
                 SliceResult(
                     analysis_id=analysis.id,
                     sop_instance_uid=sop,
+                    frame_number=frame,
                     slice_index=index,
                     lung_fraction=0.0 if call is None else 0.2,
                     skipped=call is None,

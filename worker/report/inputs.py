@@ -37,6 +37,13 @@ class SliceInfo:
     p_covid19: float | None
     predicted_class: str | None
     manifestation: str | None
+    frame_number: int | None = None  # 1-based frame of an Enhanced CT instance; None: classic
+
+    def label(self) -> str:
+        """The image as a person finds it: SOP Instance UID, and the frame when multi-frame."""
+        if self.frame_number is None:
+            return self.sop_instance_uid
+        return f"{self.sop_instance_uid} frame {self.frame_number}"
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,7 @@ def load_report_input(session: Session, analysis_id: int) -> ReportInput:
             p_covid19=result.p_covid19,
             predicted_class=result.predicted_class,
             manifestation=result.manifestation,
+            frame_number=result.frame_number,
         )
         for result, instance, series in rows
     )

@@ -1,7 +1,9 @@
 """A Key Object Selection document pointing at the key slices.
 
 Viewers that ignore SR content still flag key images; the description says
-who chose them and that nobody verified the choice.
+who chose them and that nobody verified the choice. Key slices that are frames
+of an Enhanced CT instance are one IMAGE reference to that instance listing
+their Referenced Frame Numbers (in key-slice order).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
 
 from worker.report import codes
+from worker.report.frames import set_frame_numbers
 from worker.report.inputs import ReportInput
 from worker.report.sr import MANUFACTURER, local_datetime, series_description, software_version
 from worker.report.uids import SERIES_NUMBERS, device_uid, object_uids
@@ -41,15 +44,23 @@ def build_key_objects(
     )
     if inp.is_demo_model:
         description += " by a SYNTHETIC DEMO MODEL with no clinical meaning"
+    # one reference per instance, with the key frames of a multi-frame one
+    instances: dict[str, tuple[Dataset, list[int]]] = {}
+    for sl, image in zip(inp.key_slices, key_images, strict=True):
+        _, frames = instances.setdefault(sl.sop_instance_uid, (image, []))
+        if sl.frame_number is not None:
+            frames.append(sl.frame_number)
+    referenced = [image for image, _ in instances.values()]
     content = hd.ko.KeyObjectSelection(
         document_title=codes.KEY_OBJECT_TITLE,
-        referenced_objects=list(key_images),
+        referenced_objects=referenced,
         observer_device_context=device,
         description=description,
     )
+    set_frame_numbers(content[0].ContentSequence, [frames for _, frames in instances.values()])
     moment = local_datetime(inp.finished_at)
     ko = hd.ko.KeyObjectSelectionDocument(
-        evidence=list(key_images),
+        evidence=referenced,
         content=content,
         series_instance_uid=uids.series_instance_uid,
         series_number=SERIES_NUMBERS["ko"],

@@ -22,6 +22,7 @@ from db.settings import Settings
 from worker.report import outbox, storage
 from worker.report.delivery import deliver_due
 from worker.report.errors import SourceImageMissing
+from worker.report.frames import frame_view
 from worker.report.inputs import ReportInput, SliceInfo, load_report_input
 from worker.report.ko import build_key_objects
 from worker.report.outbox import StoredObject
@@ -109,7 +110,11 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
         previous = previous_analyses(session, inp)
     key_slices = inp.key_slices
     source = read_image(settings, key_slices[0] if key_slices else inp.slices[0])
-    key_headers = [read_image(settings, sl) for sl in key_slices]
+    headers: dict[str, Dataset] = {}  # frames of one instance: its header is read once
+    for sl in key_slices:
+        if sl.path not in headers:
+            headers[sl.path] = read_image(settings, sl)
+    key_headers = [frame_view(headers[sl.path], sl.frame_number) for sl in key_slices]
     objects: list[StoredObject] = []
     if "sr" in settings.report_outputs:
         predecessor = predecessor_header(settings, inp, previous)
@@ -128,7 +133,11 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
         )
     if "sc" in settings.report_outputs:
         shown = key_slices[0] if key_slices else representative_slice(inp)
-        sc = build_summary(inp, read_image(settings, shown, pixels=True), shown)
+        if shown.frame_number is None:
+            sc = build_summary(inp, read_image(settings, shown, pixels=True), shown)
+        else:  # one frame of a multi-frame instance: decode only that frame
+            sc = build_summary(inp, read_image(settings, shown), shown,
+                               pixels=settings.spool_dir / shown.path)
         objects.append(
             StoredObject(
                 "sc", str(sc.SOPInstanceUID), str(storage.save(settings.data_dir, "sc", sc))

@@ -15,6 +15,10 @@ Built from highdicom's templates only; every code comes from
        └─ one group per key slice: slice probability of COVID-19, with the image
             as Source of Measurement and the slice's manifestation
 
+A key slice of an Enhanced CT series is a frame: every reference to it (Image
+Library entry, Source of Measurement) carries its Referenced Frame Number, and
+the Image Library describes the frame's own position (:mod:`worker.report.frames`).
+
 Flags are honest: the document is COMPLETE (it holds everything this analysis
 produced; a later study version gets a new document that names this one as
 predecessor), UNVERIFIED (no person checked it) and PRELIMINARY (it is a
@@ -41,6 +45,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
 
 from worker.report import codes
+from worker.report.frames import set_frame_numbers
 from worker.report.inputs import ReportInput, SliceInfo
 from worker.report.uids import SERIES_NUMBERS, derived_uid, device_uid, object_uids
 
@@ -57,7 +62,9 @@ class SrSources:
     """Headers the SR copies from or references (read from the spool by the caller)."""
 
     source: Dataset  # one analysed image: patient and study modules are copied from it
-    key_images: Sequence[Dataset]  # headers of the key slices, in key-slice order
+    # headers of the key slices, in key-slice order; a frame's is its view
+    # (worker.report.frames.frame_view): the frame's position at the top level
+    key_images: Sequence[Dataset]
     predecessor: Dataset | None = None  # the SR this one replaces (an earlier study version)
 
 
@@ -183,6 +190,9 @@ def key_slice_groups(
                 hd.sr.SourceImageForMeasurement(
                     referenced_sop_class_uid=sl.sop_class_uid,
                     referenced_sop_instance_uid=sl.sop_instance_uid,
+                    referenced_frame_numbers=(
+                        [sl.frame_number] if sl.frame_number is not None else None
+                    ),
                 )
             ],
         )
@@ -226,13 +236,39 @@ def measurement_report(
         *manifestation_groups(inp, sop_instance_uid),
         *key_slice_groups(inp, sop_instance_uid),
     ]
-    return hd.sr.MeasurementReport(
+    report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=codes.COMPUTED_TOMOGRAPHY,
         imaging_measurements=groups,
         title=codes.IMAGING_MEASUREMENT_REPORT,
         referenced_images=list(sources.key_images) or None,
     )
+    if sources.key_images:
+        _library_frames(report, inp.key_slices, sources.key_images)
+    return report
+
+
+def _library_frames(
+    report: hd.sr.MeasurementReport, key_slices: Sequence[SliceInfo], images: Sequence[Dataset]
+) -> None:
+    """Referenced Frame Numbers on the Image Library entries of frames.
+
+    highdicom lists the images grouped by (modality, frame of reference) in
+    the order given; the entries are matched to the key slices the same way.
+    """
+    if all(sl.frame_number is None for sl in key_slices):
+        return
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for sl, image in zip(key_slices, images, strict=True):
+        key = (str(image.get("Modality", "")), str(image.get("FrameOfReferenceUID", "")))
+        groups.setdefault(key, []).append(sl.frame_number or 0)
+    frames = [[n] if n else [] for numbers in groups.values() for n in numbers]
+    [library] = [
+        item for item in report[0].ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "111028"  # Image Library
+    ]
+    entries = [entry for group in library.ContentSequence for entry in group.ContentSequence]
+    set_frame_numbers(entries, frames)
 
 
 def evidence_stub(sl: SliceInfo, study_instance_uid: str) -> Dataset:
@@ -249,7 +285,12 @@ def build_sr(inp: ReportInput, sources: SrSources) -> hd.sr.Comprehensive3DSR:
     """The SR of an analysis; highdicom validates it while building it."""
     uids = object_uids(inp.study_instance_uid, inp.study_version, inp.model_uid, "sr")
     report = measurement_report(inp, sources, uids.sop_instance_uid)
-    evidence = [sources.source] + [evidence_stub(s, inp.study_instance_uid) for s in inp.slices]
+    evidence = [sources.source]
+    listed = {str(sources.source.SOPInstanceUID)}
+    for sl in inp.slices:  # frames of one instance: the instance is listed once
+        if sl.sop_instance_uid not in listed:
+            listed.add(sl.sop_instance_uid)
+            evidence.append(evidence_stub(sl, inp.study_instance_uid))
     moment = local_datetime(inp.finished_at)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,

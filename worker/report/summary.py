@@ -3,12 +3,15 @@
 The key slice (lung window), the lung contour where the segmentation is
 available, and the result as burned-in text on a band above the image. No
 patient data is burned in: the PACS shows the patient from the header, and a
-picture cannot be de-identified later.
+picture cannot be de-identified later. A key slice of an Enhanced CT series is
+one frame: that frame is decoded, with its own rescale and pixel spacing from
+the functional groups.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -16,9 +19,12 @@ from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.pixels.processing import apply_rescale
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian
 
 from model_train.method.classes import DISPLAY_NAMES
+from model_train.method.hu import rescale_to_hu
+from worker.loading import functional_group
 from worker.report.inputs import ReportInput, SliceInfo
 from worker.report.sr import MANUFACTURER, local_datetime, series_description, software_version
 from worker.report.uids import SERIES_NUMBERS, object_uids
@@ -31,8 +37,28 @@ LINE_HEIGHT = 20  # pixels per line of the text band above the image
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width (HU)
 
 
-def hounsfield(image: Dataset) -> NDArray[np.float32]:
-    return np.asarray(apply_rescale(image.pixel_array, image), dtype=np.float32)
+def hounsfield(
+    image: Dataset, frame_number: int | None = None, pixels: Path | None = None
+) -> NDArray[np.float32]:
+    """HU of a single-frame image, or of frame ``frame_number`` (1-based) of a multi-frame one.
+
+    ``pixels``: the file to decode the frame from when ``image`` is a header
+    without pixel data (only that frame is read, not the whole instance).
+    """
+    if frame_number is None:
+        return np.asarray(apply_rescale(image.pixel_array, image), dtype=np.float32)
+    stored = pixel_array(pixels if pixels is not None else image, index=frame_number - 1)
+    transform = functional_group(image, frame_number - 1, "PixelValueTransformationSequence")
+    return rescale_to_hu(stored, transform if transform is not None else image)
+
+
+def pixel_spacing_mm(image: Dataset, frame_number: int | None = None) -> float | None:
+    spacing = image.get("PixelSpacing")
+    if frame_number is not None:
+        measures = functional_group(image, frame_number - 1, "PixelMeasuresSequence")
+        if measures is not None and "PixelSpacing" in measures:
+            spacing = measures.PixelSpacing
+    return float(spacing[0]) if spacing else None
 
 
 def lung_window(hu: NDArray[np.float32]) -> NDArray[np.uint8]:
@@ -60,6 +86,10 @@ def lung_contour(hu: NDArray[np.float32], spacing_mm: float | None) -> NDArray[n
     return boundary
 
 
+def _frame(shown: SliceInfo) -> str:
+    return f" (frame {shown.frame_number})" if shown.frame_number is not None else ""
+
+
 def result_lines(inp: ReportInput, shown: SliceInfo) -> list[str]:
     call = DISPLAY_NAMES[inp.decision]
     lines = [
@@ -70,14 +100,17 @@ def result_lines(inp: ReportInput, shown: SliceInfo) -> list[str]:
     ]
     if shown.predicted_class == "covid19":
         detail = (
-            f"Key slice {shown.slice_index + 1} of {inp.slices_total}: "
+            f"Key slice {shown.slice_index + 1} of {inp.slices_total}{_frame(shown)}: "
             f"p(COVID-19) = {shown.p_covid19 or 0.0:.2f}"
         )
         if shown.manifestation in DISPLAY_NAMES:
             detail += f", {DISPLAY_NAMES[shown.manifestation]}"
         lines.append(detail)
     else:
-        lines.append(f"Slice {shown.slice_index + 1} of {inp.slices_total} (no COVID-19 slice)")
+        lines.append(
+            f"Slice {shown.slice_index + 1} of {inp.slices_total}{_frame(shown)} "
+            "(no COVID-19 slice)"
+        )
     lines.append(f"Model: {inp.model_name} {inp.model_version}")
     if inp.is_demo_model:
         lines.append("SYNTHETIC DEMO MODEL - NO CLINICAL MEANING")
@@ -106,16 +139,22 @@ def render(
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def build_summary(inp: ReportInput, image: Dataset, shown: SliceInfo) -> hd.sc.SCImage:
-    """The summary of an analysis around ``image`` (the key slice, with pixel data)."""
+def build_summary(
+    inp: ReportInput, image: Dataset, shown: SliceInfo, pixels: Path | None = None
+) -> hd.sc.SCImage:
+    """The summary of an analysis around ``image`` (the key slice, with pixel data).
+
+    For a frame of a multi-frame instance ``image`` may be its header only and
+    ``pixels`` the file the frame is decoded from.
+    """
     uids = object_uids(inp.study_instance_uid, inp.study_version, inp.model_uid, "sc")
-    spacing = image.get("PixelSpacing")
-    spacing_mm = float(spacing[0]) if spacing else None
-    pixels = render(hounsfield(image), result_lines(inp, shown), spacing_mm)
+    spacing_mm = pixel_spacing_mm(image, shown.frame_number)
+    hu = hounsfield(image, shown.frame_number, pixels)
+    rendered = render(hu, result_lines(inp, shown), spacing_mm)
     moment = local_datetime(inp.finished_at)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=image,
-        pixel_array=pixels,
+        pixel_array=rendered,
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
