@@ -235,3 +235,56 @@ def test_worker_analyses_enhanced_ct_like_the_classic_series(
         assert e.lung_area_mm2 == pytest.approx(c.lung_area_mm2)
         if not e.skipped:
             assert e.p_covid19 == pytest.approx(c.p_covid19, abs=1e-5)
+
+
+class _Recorder:
+    """The listener's outbox hands study versions here instead of to a broker."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def send(self, study_version_id: int) -> None:
+        self.sent.append(study_version_id)
+
+
+@pytest.mark.dcmtk
+def test_enhanced_ct_sent_with_storescu_is_stored_by_the_listener_and_analysed(
+    tmp_path: Path, sqlite_url: str, checkpoints: Checkpoints, small_rules: Path
+) -> None:
+    """dcmtk storescu -> the real listener (spool, database, completion, outbox) -> the worker."""
+    import subprocess
+
+    from scp.server import ScpService
+    from tests.conftest import free_port, require_tool, wait_for
+
+    settings = analysis_settings(
+        tmp_path / "data", sqlite_url, checkpoints, small_rules, batch_size=5,
+        host="127.0.0.1", port=free_port(), quiet_seconds=0.5, outbox_poll_seconds=0.1,
+        min_free_bytes=0,
+    )
+    order = _order(N, seed=5)
+    study = write_enhanced_phantom(tmp_path / "e", "covid19", n_slices=N, size=SIZE, seed=2,
+                                   frame_order=order)
+    recorder = _Recorder()
+    listener = ScpService(settings, sender=recorder)
+    listener.start()
+    try:
+        subprocess.run(
+            [require_tool("storescu"), "-aet", "SCANNER", "-aec", "CTDX", "127.0.0.1",
+             str(listener.port), str(study.paths[0])],
+            check=True, capture_output=True, timeout=60,
+        )
+        wait_for(lambda: recorder.sent, timeout=20, message="the study handed to the queue")
+    finally:
+        listener.stop()
+    [version_id] = recorder.sent
+    db = make_engine(settings.resolved_database_url)
+    try:
+        done = service.process_study_version(db, settings, runtime.get_models(settings),
+                                             version_id)
+        assert done.outcome is Outcome.ANALYSED, done.detail
+        rows = _slices(db, done.analysis_id)
+    finally:
+        db.dispose()
+    assert [r.frame_number for r in rows] == [order.index(N - 1 - i) + 1 for i in range(N)]
+    assert {r.sop_instance_uid for r in rows} == set(study.sop_instance_uids)
