@@ -146,9 +146,16 @@ def test_real_series_through_listener_redis_and_celery_worker(
                             stop_before_pixels=True).StudyInstanceUID
         assert sr.Modality == "SR" and sr.StudyInstanceUID == study_uid
         assert "COVID-19" in dsrdump(sr_file)  # dcmtk parses it and finds the study call
-        with session_scope(engine) as session:
-            [export] = session.scalars(select(Export)).all()
-        assert export.state == "delivered" and export.sop_instance_uid == sr.SOPInstanceUID
+
+        def delivered() -> Export | None:
+            # storescp writes the file before it answers the C-STORE; the worker records the
+            # delivery after the answer, so the row may still be pending for a moment
+            with session_scope(engine) as session:
+                [export] = session.scalars(select(Export)).all()
+            return export if export.state == "delivered" else None
+
+        export = wait_for(delivered, timeout=30, message="the export recorded delivered")
+        assert isinstance(export, Export) and export.sop_instance_uid == sr.SOPInstanceUID
     finally:
         pacs.stop()
         engine.dispose()
