@@ -227,6 +227,8 @@ class EventDrivenDUL(DULServiceProvider):
         _make_waking(self.event_queue, self._ctdx_poke)
 
     def _ctdx_poke(self) -> None:
+        if threading.current_thread() is self:  # it is awake: it put the item itself
+            return
         try:
             os.write(self._ctdx_write_fd, b"\x00")
         except OSError:  # full (a wake-up is pending anyway) or closing
