@@ -120,7 +120,10 @@ class Recorder:
         with self._cond:
             self._queue.append(item)
             self._submitted += 1
-            self._cond.notify_all()
+            # wake the thread only to start a batch or to write a full one: waking it for
+            # every row while it gathers costs a cross-CPU wake-up per instance
+            if len(self._queue) == 1 or len(self._queue) >= _MAX_BATCH:
+                self._cond.notify_all()
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything submitted so far is in the database; ``False`` on time-out."""
