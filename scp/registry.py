@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, select, update
+from sqlalchemy import Engine, Table, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -48,6 +48,7 @@ __all__ = [
     "RegistryCache",
     "Resolved",
     "StoredInstance",
+    "StoredInstanceLookup",
     "delete_leases",
     "record_batch",
     "record_instance",
@@ -424,6 +425,41 @@ def stored_instance(session: Executor, sop_instance_uid: str) -> StoredInstance 
     if row is None:
         return None
     return StoredInstance(int(row.study_version_id), str(row.sha256), str(row.path))
+
+
+class StoredInstanceLookup:
+    """:func:`stored_instance` for the C-STORE hot path: one compiled statement run on a
+    pooled DB-API connection, without SQLAlchemy's per-call connection and result objects
+    (a third of the look-up's cost, measured with four senders)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        statement = select(
+            _INSTANCES.c.study_version_id, _INSTANCES.c.sha256, _INSTANCES.c.path
+        ).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+        compiled = statement.compile(dialect=engine.dialect)
+        self._sql = str(compiled)
+        self._positional = bool(compiled.positional)
+        self._key = next(iter(compiled.params))
+        self.driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+
+    def __call__(self, sop_instance_uid: str) -> StoredInstance | None:
+        params: Any = (
+            (sop_instance_uid,) if self._positional else {self._key: sop_instance_uid}
+        )
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(self._sql, params)
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        finally:
+            connection.close()  # back to the pool (which rolls back what is open)
+        if row is None:
+            return None
+        return StoredInstance(int(row[0]), str(row[1]), str(row[2]))
 
 
 def renew_leases(session: Executor, holders: list[str], expires_at: datetime) -> None:

@@ -89,6 +89,10 @@ class InstanceStore:
         self.lease_ttl_seconds = lease_ttl_seconds
         self.cache = registry.RegistryCache()
         self.recorder = Recorder(engine, spool, self.cache, lease_ttl_seconds)
+        self._lookup = registry.StoredInstanceLookup(engine)
+        self._lookup_errors: tuple[type[Exception], ...] = (
+            SQLAlchemyError, self._lookup.driver_error
+        )
 
     def store(
         self,
@@ -156,9 +160,8 @@ class InstanceStore:
 
     def _stored(self, sop_instance_uid: str) -> registry.StoredInstance | None:
         try:
-            with self.engine.connect() as connection:
-                return registry.stored_instance(connection, sop_instance_uid)
-        except SQLAlchemyError as exc:
+            return self._lookup(sop_instance_uid)
+        except self._lookup_errors as exc:
             logger.error("database refused instance %s: %s", sop_instance_uid,
                          type(exc).__name__)
             raise Rejected(
