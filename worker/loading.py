@@ -343,7 +343,8 @@ def _frame_hu(info: SliceInfo, stored: NDArray[Any]) -> NDArray[np.float32]:
 def decode_hu(info: SliceInfo) -> NDArray[np.float32]:
     """One slice (or frame) in Hounsfield units, float32 (rows, columns)."""
     if info.frame_number is not None:
-        return decode_frames([info])[0]
+        [(_, hu)] = list(iter_frames([info]))
+        return hu
     try:
         ds = pydicom.dcmread(info.path)
         stored = ds.pixel_array
@@ -353,30 +354,39 @@ def decode_hu(info: SliceInfo) -> NDArray[np.float32]:
     return rescale_to_hu(stored, ds)
 
 
-def decode_frames(infos: Sequence[SliceInfo]) -> list[NDArray[np.float32]]:
-    """Frames of one multi-frame instance in Hounsfield units, in the order of ``infos``.
+def iter_frames(infos: Sequence[SliceInfo]) -> Iterator[tuple[int, NDArray[np.float32]]]:
+    """``(position in infos, HU)`` of frames of one multi-frame instance, in file order.
 
     Only the frames asked for are decoded (pydicom reads the header's image
-    pixel attributes and then just those frames), in file order.
+    pixel attributes, then just those frames), one at a time: the caller
+    stores each before the next is decoded.
     """
     path, sop = infos[0].path, infos[0].sop_instance_uid
-    wanted = sorted({i.frame_number - 1 for i in infos if i.frame_number is not None})
-    decoded: dict[int, NDArray[Any]] = {}
-    try:
-        for index, stored in zip(wanted, iter_pixels(path, indices=wanted), strict=True):
-            decoded[index] = stored
-    except Exception as exc:  # decoders raise many unrelated types; all mean "cannot decode"
-        frames = ", ".join(str(i + 1) for i in wanted[:8])
-        raise UndecodablePixelData(
-            sop, f"frames {frames}{'...' if len(wanted) > 8 else ''}: {type(exc).__name__}: {exc}"
-        ) from exc
-    return [_frame_hu(info, decoded[(info.frame_number or 1) - 1]) for info in infos]
+    where: dict[int, list[int]] = {}
+    for position, info in enumerate(infos):
+        where.setdefault((info.frame_number or 1) - 1, []).append(position)
+    wanted = sorted(where)
+    frames = iter_pixels(path, indices=wanted)
+    for index in wanted:
+        try:
+            stored = next(frames)
+        except Exception as exc:  # decoders raise many unrelated types: all "cannot decode"
+            raise UndecodablePixelData(
+                sop, f"frame {index + 1}: {type(exc).__name__}: {exc}"
+            ) from exc
+        for position in where[index]:
+            yield position, _frame_hu(infos[position], stored)
 
 
-def _decode_group(group: Sequence[SliceInfo]) -> list[NDArray[np.float32]]:
+def _decode_group(group: Sequence[SliceInfo]) -> Iterator[tuple[int, NDArray[np.float32]]]:
+    """``(position in group, HU)`` of a group: one classic slice, or frames of one file."""
     if group[0].frame_number is None:
-        return [decode_hu(info) for info in group]
-    return decode_frames(group)
+        return ((i, decode_hu(info)) for i, info in enumerate(group))
+    return iter_frames(group)
+
+
+def _decode_group_list(group: Sequence[SliceInfo]) -> list[tuple[int, NDArray[np.float32]]]:
+    return list(_decode_group(group))
 
 
 def iter_batches(
@@ -401,10 +411,11 @@ def iter_batches(
                 groups.setdefault(key, []).append(i)
             members = list(groups.values())
             work = [[chunk[i] for i in group] for group in members]
-            images = pool.map(_decode_group, work) if pool else map(_decode_group, work)
-            for group, decoded in zip(members, images, strict=True):
-                for i, image in zip(group, decoded, strict=True):
-                    out[i] = image
+            # in one thread each decoded slice goes straight into ``out``
+            decoded = pool.map(_decode_group_list, work) if pool else map(_decode_group, work)
+            for group, images in zip(members, decoded, strict=True):
+                for position, image in images:
+                    out[group[position]] = image
             yield SliceBatch(slices=chunk, hu=out)
     finally:
         if pool:

@@ -288,3 +288,15 @@ def test_enhanced_ct_sent_with_storescu_is_stored_by_the_listener_and_analysed(
         db.dispose()
     assert [r.frame_number for r in rows] == [order.index(N - 1 - i) + 1 for i in range(N)]
     assert {r.sop_instance_uid for r in rows} == set(study.sop_instance_uids)
+
+
+def test_truncated_multiframe_pixel_data_names_the_instance(tmp_path: Path) -> None:
+    from worker.errors import UndecodablePixelData
+
+    study = write_enhanced_phantom(tmp_path / "e", "normal", n_slices=6, size=32, seed=0,
+                                   frame_order=[5, 4, 3, 2, 1, 0])
+    _rewrite(study.paths[0], lambda ds: setattr(ds, "PixelData", ds.PixelData[:32 * 32 * 2 * 3]))
+    series = order_series(_refs(list(study.paths)))
+    with pytest.raises(UndecodablePixelData, match=study.sop_instance_uids[0]) as info:
+        list(iter_batches(series, batch_size=4))
+    assert "frame" in str(info.value)
