@@ -180,6 +180,13 @@ def test_claim_keeper_heartbeats_and_notices_a_takeover(engine: Engine) -> None:
     with claims.ClaimKeeper(engine, analysis_id, "k:1/a", interval=0.05) as keeper:
         wait_for(lambda: heartbeat_at() != before, timeout=10, message="a heartbeat")
         assert not keeper.lost.is_set()
-        claims.release(engine, analysis_id, "k:1/a")
-        assert claims.claim(engine, version_id, MODEL, "k:2/b", 600).status is ClaimStatus.CLAIMED
+
+        def take_over() -> bool:
+            # the keeper still beats every 50 ms and may refresh the claim between our release
+            # and our claim (then "busy"): try again, as a second worker would later
+            claims.release(engine, analysis_id, "k:1/a")
+            got = claims.claim(engine, version_id, MODEL, "k:2/b", 600)
+            return got.status is ClaimStatus.CLAIMED
+
+        wait_for(take_over, timeout=10, message="a takeover between two heartbeats")
         wait_for(keeper.lost.is_set, timeout=10, message="the keeper to notice the takeover")
