@@ -135,9 +135,9 @@ class Recorder:
             try:
                 while self._done < target:
                     left = deadline - time.monotonic()
-                    if (left <= 0 or self._paused or self._thread is None
-                            or not self._thread.is_alive()):
-                        return False
+                    if (left <= 0 or self._paused or not self._healthy
+                            or self._thread is None or not self._thread.is_alive()):
+                        return False  # database down: the rows follow when it is back
                     self._cond.wait(left)
                 return True
             finally:
