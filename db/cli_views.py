@@ -219,6 +219,7 @@ def _analysis_json(a: AnalysisInfo) -> dict[str, Any]:
             {
                 "slice_index": k.slice_index,
                 "sop_instance_uid": k.sop_instance_uid,
+                "frame_number": k.frame_number,
                 "position_z": k.position_z,
                 "p_covid19": k.p_covid19,
                 "predicted_class": k.predicted_class,
@@ -333,8 +334,9 @@ def _key_slices_table(console: Console, a: AnalysisInfo) -> Table:
         Column("Class", lambda k: _text(k.predicted_class), min_width=8, max_width=15),
         Column("Manifestation", lambda k: _text(k.manifestation), min_width=8, max_width=20,
                drop=1),
-        Column("SOP Instance UID", lambda k: k.sop_instance_uid, min_width=16, max_width=64,
-               flex=True, middle=True),
+        Column("SOP Instance UID", lambda k: k.sop_instance_uid + (
+            f" frame {k.frame_number}" if k.frame_number is not None else ""),
+               min_width=16, max_width=80, flex=True, middle=True),
     ]
     return fitted_table(console, columns, a.key_slices)
 

@@ -118,6 +118,7 @@ class OutboxInfo:
 class KeySlice:
     slice_index: int
     sop_instance_uid: str
+    frame_number: int | None  # 1-based frame of a multi-frame (Enhanced CT) instance
     position_z: float | None
     p_covid19: float
     predicted_class: str | None
@@ -429,6 +430,7 @@ def _key_slices(session: Session, analysis_id: int, count: int) -> tuple[KeySlic
         select(
             SliceResult.slice_index,
             SliceResult.sop_instance_uid,
+            SliceResult.frame_number,
             SliceResult.position_z,
             SliceResult.p_covid19,
             SliceResult.predicted_class,
@@ -446,6 +448,7 @@ def _key_slices(session: Session, analysis_id: int, count: int) -> tuple[KeySlic
         KeySlice(
             slice_index=r.slice_index,
             sop_instance_uid=r.sop_instance_uid,
+            frame_number=r.frame_number,
             position_z=r.position_z,
             p_covid19=float(r.p_covid19),
             predicted_class=r.predicted_class,

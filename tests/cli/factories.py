@@ -157,8 +157,12 @@ def add_analysis(
     failure_reason: str | None = None,
     model_uid: str | None = None,
     manifestation_counts: dict[str, int] | None = None,
+    frames: bool = False,
 ) -> Analysis:
-    """An analysis; one slice row per ``p_covid`` value (plus ``skipped`` skipped slices)."""
+    """An analysis; one slice row per ``p_covid`` value (plus ``skipped`` skipped slices).
+
+    ``frames``: the slices are frames 1..N of one multi-frame (Enhanced CT) instance.
+    """
     assert version.completed_at is not None
     claimed = version.completed_at + timedelta(seconds=2)
     finished = claimed + timedelta(seconds=8)
@@ -199,7 +203,8 @@ def add_analysis(
         session.add(
             SliceResult(
                 analysis_id=analysis.id,
-                sop_instance_uid=uid(f"{sop_prefix}/{index}"),
+                sop_instance_uid=uid(sop_prefix if frames else f"{sop_prefix}/{index}"),
+                frame_number=index + 1 if frames else None,
                 slice_index=index,
                 position_z=-100.0 + 2.5 * index,
                 lung_area_mm2=15000.0,

@@ -106,3 +106,34 @@ def test_unknown_study_exits_4(filled: Filled) -> None:
             result.stderr
         )
         assert result.stdout == ""
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_key_slices_of_an_enhanced_ct_name_their_frame(db_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from db import migrate
+    from db.models import VersionState
+    from db.session import make_engine, session_scope
+    from tests.cli.factories import add_analysis, add_series, add_study, add_version
+
+    migrate.upgrade(db_url)
+    now = datetime.now(UTC)
+    engine = make_engine(db_url)
+    with session_scope(engine) as s:
+        study = add_study(s, "enhanced", accession_number="ACC-ENH", created_at=now)
+        version = add_version(s, study, state=VersionState.ANALYSED, calling_ae_title="CT1",
+                              received_at=now, instance_count=1,
+                              completed_at=now + timedelta(seconds=1))
+        series = add_series(s, study, version, "enhanced-series", instances=1)
+        add_analysis(s, version, decision="covid19", fractions=(0.5, 0.0, 0.5), series=series,
+                     p_covid=(0.2, 0.9, 0.6), frames=True)
+    engine.dispose()
+    result = ctdx("results", "show", "ACC-ENH", "-f", "json", "--database-url", db_url)
+    assert result.exit_code == 0, result.output
+    keys = json.loads(result.stdout)["versions"][0]["analyses"][0]["key_slices"]
+    assert [(k["slice_index"], k["frame_number"]) for k in keys] == [(1, 2), (2, 3), (0, 1)]
+    assert len({k["sop_instance_uid"] for k in keys}) == 1
+    table = ctdx("results", "show", "ACC-ENH", "--database-url", db_url, columns=200)
+    assert table.exit_code == 0, table.output
+    assert "frame 2" in flat(table.stdout)
