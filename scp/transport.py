@@ -196,12 +196,46 @@ def _make_waking(q: queue.Queue[Any], wake: Callable[[], None]) -> None:
     q._ctdx_wake = wake  # type: ignore[attr-defined]
 
 
-def _close_fds(*fds: int) -> None:
-    for fd in fds:
+class _WakePipe:
+    """A self-pipe: any thread may ``poke``; the owner waits on ``read_fd`` and ``drain``s.
+
+    Closed when the owning thread ends, so a long-running listener gets its descriptors
+    back without waiting for the garbage collector; the lock keeps a late ``poke`` from
+    writing to a descriptor number that was closed, or reused since.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._lock = threading.Lock()
+        self._open = True
+
+    def poke(self) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            try:
+                os.write(self._write_fd, b"\x00")
+            except OSError:  # full: a wake-up is pending anyway
+                pass
+
+    def drain(self) -> None:
         try:
-            os.close(fd)
-        except OSError:
+            while os.read(self.read_fd, 4096):
+                pass
+        except OSError:  # empty (EAGAIN)
             pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._open:
+                self._open = False
+                for fd in (self.read_fd, self._write_fd):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -211,28 +245,20 @@ class EventDrivenDUL(DULServiceProvider):
     event queue (a response to send), and by being told to stop.
     """
 
-    _ctdx_read_fd: int
-    _ctdx_write_fd: int
+    _ctdx_pipe: _WakePipe
     _ctdx_on_exit: Callable[[], None]
 
     def _ctdx_setup(self, on_exit: Callable[[], None]) -> None:
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        self._ctdx_read_fd, self._ctdx_write_fd = read_fd, write_fd
+        pipe = _WakePipe()
+        self._ctdx_pipe = pipe
         self._ctdx_on_exit = on_exit
-        # closed with the object, never earlier: another thread may still poke it
-        weakref.finalize(self, _close_fds, read_fd, write_fd)
+        weakref.finalize(self, pipe.close)  # a DUL whose thread never ran
         _make_waking(self.to_provider_queue, self._ctdx_poke)
         _make_waking(self.event_queue, self._ctdx_poke)
 
     def _ctdx_poke(self) -> None:
-        if threading.current_thread() is self:  # it is awake: it put the item itself
-            return
-        try:
-            os.write(self._ctdx_write_fd, b"\x00")
-        except OSError:  # full (a wake-up is pending anyway) or closing
-            pass
+        if threading.current_thread() is not self:  # else it is awake: it put the item
+            self._ctdx_pipe.poke()
 
     @property
     def _kill_thread(self) -> bool:
@@ -241,13 +267,14 @@ class EventDrivenDUL(DULServiceProvider):
     @_kill_thread.setter
     def _kill_thread(self, value: bool) -> None:
         self.__dict__["_kill_thread"] = value
-        if value and "_ctdx_write_fd" in self.__dict__:
+        if value and "_ctdx_pipe" in self.__dict__:
             self._ctdx_poke()
 
     def run(self) -> None:
         try:
             super().run()
         finally:
+            self._ctdx_pipe.close()
             self._ctdx_on_exit()
 
     def _ctdx_wait(self, seconds: float) -> None:
@@ -262,17 +289,13 @@ class EventDrivenDUL(DULServiceProvider):
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted bytes already buffered: select would not see them
         try:
-            waitables: list[Any] = [sock, self._ctdx_read_fd]
+            waitables: list[Any] = [sock, self._ctdx_pipe.read_fd]
             ready, _, _ = select.select(waitables, [], [], MAX_IDLE_WAIT)
         except (OSError, ValueError):  # socket closed under us: pynetdicom notices next loop
             _real_sleep(seconds)
             return
-        if self._ctdx_read_fd in ready:
-            try:
-                while os.read(self._ctdx_read_fd, 4096):
-                    pass
-            except OSError:  # drained (EAGAIN)
-                pass
+        if self._ctdx_pipe.read_fd in ready:
+            self._ctdx_pipe.drain()
 
 
 class EventDrivenAssociation(Association):

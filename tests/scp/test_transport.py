@@ -95,3 +95,31 @@ def test_command_set_encoder_declines_what_it_does_not_know() -> None:
     odd_vr = Dataset()
     odd_vr.OffendingElement = [0x00100010]  # AT: left to pydicom
     assert encode_command_set(odd_vr) is None
+
+
+def test_ended_associations_give_their_descriptors_back(scp_sqlite: Running) -> None:
+    """Each association's wake-up pipe is closed when it ends, not when the GC gets to it."""
+    import gc
+    import os
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    for _ in range(3):  # warm up: pools, logging, first-use allocations
+        with associate(scp_sqlite.port) as assoc:
+            assert assoc.send_c_echo().Status == 0x0000
+    server = scp_sqlite.service.listener._server
+    assert server is not None
+    wait_for(lambda: not server.active_associations, timeout=10, message="associations ended")
+    before = open_fds()
+    gc.disable()  # the descriptors must come back without a collection
+    try:
+        for _ in range(30):
+            with associate(scp_sqlite.port) as assoc:
+                assert assoc.send_c_echo().Status == 0x0000
+        wait_for(lambda: not server.active_associations, timeout=10,
+                 message="associations ended")
+        wait_for(lambda: open_fds() <= before + 4, timeout=10,
+                 message=f"descriptors back (before {before}, now {open_fds()})")
+    finally:
+        gc.enable()
