@@ -250,12 +250,15 @@ class Recorder:
                 self.spool.unlink_if_marked(item.header.sop_instance_uid, item.relative)
         else:
             # acknowledged, but the first copy under this UID (another path, recorded in
-            # the instant between the handler's look-up and now) differs: keep the first
+            # the instant between the handler's look-up and now) differs: the first stays the
+            # instance; this one was answered 0x0000, so it is kept aside, never deleted
+            kept = self.spool.keep_conflict(item.header.sop_instance_uid, item.relative,
+                                            item.sealed.sha256)
             logger.error(
-                "instance %s: a different copy was recorded concurrently; the first is kept",
-                item.header.sop_instance_uid,
+                "instance %s: a different copy was recorded concurrently; the first is the "
+                "instance, this one is kept in %s for an operator",
+                item.header.sop_instance_uid, kept,
             )
-            self.spool.unlink_if_marked(item.header.sop_instance_uid, item.relative)
         self.spool.unmark(item.header.sop_instance_uid)
 
 

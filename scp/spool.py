@@ -27,10 +27,11 @@ from scp.instance import InstanceHeader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INCOMING_DIR", "UNINDEXED_DIR", "Sealed", "Spool", "relative_path"]
+__all__ = ["CONFLICTS_DIR", "INCOMING_DIR", "UNINDEXED_DIR", "Sealed", "Spool", "relative_path"]
 
 INCOMING_DIR = ".incoming"
 UNINDEXED_DIR = ".unindexed"  # acknowledged instances whose row is not written yet
+CONFLICTS_DIR = ".conflicts"  # acknowledged copies that lost a concurrent duplicate race
 _CHUNK = 1 << 20
 
 
@@ -184,6 +185,30 @@ class Spool:
                 final.unlink()
         except FileNotFoundError:
             pass
+
+    def keep_conflict(self, sop_instance_uid: str, relative: str, sha256: str) -> Path | None:
+        """Move an acknowledged copy that lost a duplicate race out of the spool, durably.
+
+        It was answered 0x0000, so it is never deleted: it goes to
+        ``.conflicts/<SOP Instance UID>.<sha256 prefix>.dcm`` for an operator.
+        """
+        marker = self.unindexed / sop_instance_uid
+        final = self.path_of(relative)
+        kept = self.root / CONFLICTS_DIR / f"{sop_instance_uid}.{sha256[:16]}.dcm"
+        try:
+            if not os.path.samefile(marker, final):
+                return None
+        except FileNotFoundError:
+            return None
+        self._ensure_directory(kept.parent)
+        try:
+            os.link(marker, kept)
+        except FileExistsError:
+            pass
+        fsync_directory(kept.parent)
+        final.unlink()
+        fsync_directory(final.parent)
+        return kept
 
     def sync_marked(self, relative: str) -> None:
         """Make both names of a new instance durable: its directory and ``.unindexed``."""

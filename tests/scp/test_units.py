@@ -95,6 +95,25 @@ def test_compressed_pixel_data_needs_a_fragment_per_frame(tmp_path: Path) -> Non
     assert "1 fragments for 2 frames" in caught.value.reason
 
 
+def test_an_acknowledged_copy_that_lost_a_duplicate_race_is_kept_aside(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    received = spool.incoming / "x"
+    received.write_bytes(b"second copy, acknowledged")
+    relative = "1.2/3.4/5.6.dcm"
+    assert spool.link_new(received, relative) and spool.mark(received, "5.6")
+    kept = spool.keep_conflict("5.6", relative, "ab" * 32)
+    assert kept == spool.root / ".conflicts" / f"5.6.{'ab' * 8}.dcm"
+    assert kept.read_bytes() == b"second copy, acknowledged"
+    assert not spool.path_of(relative).exists()  # the first copy's name is free for it
+    # a final name that is another file (the winner's) is never touched
+    other = spool.incoming / "y"
+    other.write_bytes(b"winner")
+    spool.place(other, relative)
+    assert spool.keep_conflict("5.6", relative, "cd" * 32) is None
+    assert spool.path_of(relative).read_bytes() == b"winner"
+
+
 def test_spool_links_without_replacing_and_undoes_only_its_own(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
