@@ -350,8 +350,9 @@ def write_results(about: str, report: list[str], append: bool = False) -> None:
         "# Worker benchmark\n\n"
         f"Command: `.venv/bin/python {command.strip()}`, "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC.\n\n"
-        f"Machine: {about}; {os.getloadavg()[0]:.1f} at the end. Shared with other jobs while "
-        "it ran: numbers are noisy.\n\n"
+        f"Machine: {about}; {os.getloadavg()[0]:.1f} at the end (a load average above 1 "
+        "before the start means other jobs shared the 2 cores: numbers are then pessimistic)."
+        "\n\n"
         "Target: <= 12 s per study on 2 CPU cores, <= 0.5 s on one H100; peak memory <= 4 GB "
         "for 1000 slices.\n\n" + "\n".join(report) + "\n"
     )
