@@ -201,6 +201,17 @@ def status_of(response: Dataset) -> int:
     return int(response.Status) if response is not None and "Status" in response else -1
 
 
+def transfer_syntax_of(path: Path) -> str:
+    """The transfer syntax a file was written in (to propose exactly it)."""
+    return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def version_states(engine: Engine) -> list[str]:
+    """States of every study version, oldest first."""
+    with session_scope(engine) as s:
+        return [v.state for v in s.scalars(select(StudyVersion).order_by(StudyVersion.id))]
+
+
 @contextmanager
 def chunked_send() -> Iterator[None]:
     """Make pynetdicom send files' bytes as they are on disk (not decoded and re-encoded)."""

@@ -21,7 +21,15 @@ from db.cli import app
 from db.models import Instance, ReceivingLease, StudyVersion, VersionState
 from db.session import make_engine, session_scope
 from tests.conftest import free_port, wait_for
-from tests.scp.conftest import associate, chunked_send, phantom, send_files, status_of
+from tests.scp.conftest import (
+    associate,
+    chunked_send,
+    phantom,
+    send_files,
+    status_of,
+    transfer_syntax_of,
+    version_states,
+)
 
 CTDX = [sys.executable, "-c", "from db.cli import main; main()"]
 
@@ -96,7 +104,7 @@ def test_kill_9_mid_study_then_restart_and_resend_loses_nothing(
     study = phantom(tmp_path, n_slices=10)
     port = free_port()
     with running(data_dir, db_url, port, "--quiet-seconds", "1.5") as first:
-        with chunked_send(), associate(port, [str(_syntax(study.paths[0]))]) as assoc:
+        with chunked_send(), associate(port, [transfer_syntax_of(study.paths[0])]) as assoc:
             for path in study.paths[:5]:
                 assert status_of(assoc.send_c_store(path)) == 0x0000
             first.process.send_signal(signal.SIGKILL)  # mid-study, association open
@@ -114,7 +122,7 @@ def test_kill_9_mid_study_then_restart_and_resend_loses_nothing(
                 assert s.scalars(select(ReceivingLease)).all() == []
                 assert s.scalars(select(StudyVersion)).one().state == VersionState.RECEIVING
             assert send_files(port, study.paths[5:]) == [0x0000] * 5  # the sender resends
-            wait_for(lambda: _states(engine) == [VersionState.QUEUED], timeout=30,
+            wait_for(lambda: version_states(engine) == [VersionState.QUEUED], timeout=30,
                      message="the whole study complete and queued")
             assert second.stop() == 0
         with session_scope(engine) as s:
@@ -126,15 +134,6 @@ def test_kill_9_mid_study_then_restart_and_resend_loses_nothing(
         engine.dispose()
 
 
-def _syntax(path: Path) -> str:
-    import pydicom
-
-    return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-
-
-def _states(engine: object) -> list[str]:
-    with session_scope(engine) as s:  # type: ignore[arg-type]
-        return [v.state for v in s.scalars(select(StudyVersion))]
 
 
 @pytest.mark.slow
@@ -159,7 +158,7 @@ def test_several_processes_share_the_port_and_die_with_the_primary(
         assert sorted(results) == [[0x0000] * 3] * 4
         engine = make_engine(sqlite_url)
         try:
-            wait_for(lambda: _states(engine) == [VersionState.QUEUED] * 4, timeout=30,
+            wait_for(lambda: version_states(engine) == [VersionState.QUEUED] * 4, timeout=30,
                      message="four studies complete")
         finally:
             engine.dispose()

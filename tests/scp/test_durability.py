@@ -29,6 +29,8 @@ from tests.scp.conftest import (
     phantom,
     send_files,
     status_of,
+    transfer_syntax_of,
+    version_states,
 )
 from tests.scp.test_cli import running
 
@@ -49,7 +51,7 @@ def test_success_before_the_row_survives_a_crash_and_duplicates_stay_exact(
     scp = start_scp(quiet_seconds=60)
     study = phantom(tmp_path, n_slices=4)
     scp.service.listener.store.recorder.pause(True)  # rows held back, as if about to crash
-    with chunked_send(), associate(scp.port, [_syntax(study.paths[0])]) as assoc:
+    with chunked_send(), associate(scp.port, [transfer_syntax_of(study.paths[0])]) as assoc:
         statuses = [status_of(assoc.send_c_store(p)) for p in study.paths]
     assert statuses == [0x0000] * 4
     # what is on stable storage when success is sent: the files and their links, no rows
@@ -103,7 +105,7 @@ def test_a_resend_while_the_first_copy_is_still_being_recorded_waits_for_its_row
     study = phantom(tmp_path, n_slices=1)
     recorder = scp_sqlite.service.listener.store.recorder
     recorder.pause(True)
-    with chunked_send(), associate(scp_sqlite.port, [_syntax(study.paths[0])]) as first:
+    with chunked_send(), associate(scp_sqlite.port, [transfer_syntax_of(study.paths[0])]) as first:
         assert status_of(first.send_c_store(study.paths[0])) == 0x0000
         assert scp_sqlite.instance_count() == 0  # claimed, not yet recorded
         statuses: list[int] = []
@@ -124,7 +126,7 @@ def test_kill_9_right_after_success_loses_nothing(tmp_path: Path, db_url: str) -
     study = phantom(tmp_path, n_slices=12)
     port = free_port()
     with running(data_dir, db_url, port, "--quiet-seconds", "60") as first:
-        with chunked_send(), associate(port, [_syntax(study.paths[0])]) as assoc:
+        with chunked_send(), associate(port, [transfer_syntax_of(study.paths[0])]) as assoc:
             for path in study.paths:
                 assert status_of(assoc.send_c_store(path)) == 0x0000
             first.process.send_signal(signal.SIGKILL)  # no release: rows may be unwritten
@@ -142,7 +144,7 @@ def test_kill_9_right_after_success_loses_nothing(tmp_path: Path, db_url: str) -
             assert _unindexed(spool) == []
             assert all((spool / r.path).is_file() for r in rows.values())
             assert send_files(second.port, study.paths) == [0x0000] * 12  # the resend
-            wait_for(lambda: _states(engine) == [VersionState.QUEUED], timeout=30,
+            wait_for(lambda: version_states(engine) == [VersionState.QUEUED], timeout=30,
                      message="study complete and queued")
         with session_scope(engine) as s:
             assert s.scalars(select(StudyVersion)).one().instance_count == 12
@@ -150,10 +152,3 @@ def test_kill_9_right_after_success_loses_nothing(tmp_path: Path, db_url: str) -
         engine.dispose()
 
 
-def _syntax(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-
-
-def _states(engine: object) -> list[str]:
-    with session_scope(engine) as s:  # type: ignore[arg-type]
-        return [v.state for v in s.scalars(select(StudyVersion))]
