@@ -50,6 +50,14 @@ def relative_path(header: InstanceHeader) -> str:
     )
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Both names exist and are links to one file."""
+    try:
+        return os.path.samefile(a, b)
+    except FileNotFoundError:
+        return False
+
+
 def fsync_directory(path: Path) -> None:
     """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -176,15 +184,8 @@ class Spool:
 
     def unlink_if_marked(self, sop_instance_uid: str, relative: str | None) -> None:
         """Remove the final name ``relative`` when it is the same file as the instance's link."""
-        if relative is None:
-            return
-        marker = self.unindexed / sop_instance_uid
-        final = self.path_of(relative)
-        try:
-            if os.path.samefile(marker, final):
-                final.unlink()
-        except FileNotFoundError:
-            pass
+        if relative is not None:
+            self.remove_if_same(self.unindexed / sop_instance_uid, relative)
 
     def keep_conflict(self, sop_instance_uid: str, relative: str, sha256: str) -> Path | None:
         """Move an acknowledged copy that lost a duplicate race out of the spool, durably.
@@ -195,10 +196,7 @@ class Spool:
         marker = self.unindexed / sop_instance_uid
         final = self.path_of(relative)
         kept = self.root / CONFLICTS_DIR / f"{sop_instance_uid}.{sha256[:16]}.dcm"
-        try:
-            if not os.path.samefile(marker, final):
-                return None
-        except FileNotFoundError:
+        if not _same_file(marker, final):
             return None
         self._ensure_directory(kept.parent)
         try:
@@ -248,11 +246,8 @@ class Spool:
     def remove_if_same(self, received: Path, relative: str) -> None:
         """Undo :meth:`link_new` when the final name still points at the received file."""
         final = self.path_of(relative)
-        try:
-            if os.path.samefile(received, final):
-                final.unlink()
-        except FileNotFoundError:
-            pass
+        if _same_file(received, final):
+            final.unlink(missing_ok=True)
 
     def _copy_into(self, source: Path, final: Path, replace: bool) -> bool:
         """Fallback when the received file is on another file system (never in production)."""
