@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,23 +37,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_worker import make_checkpoints  # noqa: E402
 from machine_info import cpu_name  # noqa: E402
 
+from tests.conftest import free_port, wait_for  # noqa: E402
+
 REAL_SERIES = REPO.parent / "shared" / "data" / "covid-ct-md" / "COVID-19" / "P001"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def listening(port: int) -> bool:
@@ -93,7 +78,7 @@ class Services:
         self._start("scp", [str(bindir / "ctdx"), "scp", "--port", str(self.scp_port)])
         wait_for(lambda: self.alive() or (listening(self.pacs_port)
                                           and listening(self.scp_port)),
-                 60, "storescp and ctdx scp listening")
+                 timeout=60, interval=0.2, message="storescp and ctdx scp listening")
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -173,10 +158,11 @@ def seconds(a: datetime | None, b: datetime | None) -> float:
 def measure(services: Services, url: str, name: str, folder: Path) -> dict[str, Any]:
     study_uid = study_uid_of(folder)
     sent = send(services.scp_port, folder)
-    rows = wait_for(lambda: services.alive() or delivered_times(url, study_uid), 900,
-                    f"the SR of {name} delivered")
+    rows = wait_for(lambda: services.alive() or delivered_times(url, study_uid), timeout=900,
+                    interval=0.2, message=f"the SR of {name} delivered")
+    assert isinstance(rows, dict)
     rows["name"], rows["send_seconds"] = name, sent
-    return dict(rows)
+    return rows
 
 
 def render(results: list[dict[str, Any]], about: str, quiet: float, broker: str) -> str:
