@@ -114,7 +114,8 @@ def _quiet_fx() -> Iterator[None]:
         yield
 
 
-def _prepare(model: nn.Module, size: int, channels: int) -> nn.Module:
+def _prepare(model: nn.Module, size: int, channels: int, private: bool = False) -> nn.Module:
+    """``model`` with observers; a deep copy unless the caller hands over a ``private`` one."""
     if not int8_supported():
         raise QuantizationError(
             f"this torch build has no {BACKEND!r} quantised engine "
@@ -125,7 +126,7 @@ def _prepare(model: nn.Module, size: int, channels: int) -> nn.Module:
 
     torch.backends.quantized.engine = BACKEND
     example = torch.zeros((1, channels, size, size))
-    float_model = copy.deepcopy(model).to("cpu").float().eval()
+    float_model = (model if private else copy.deepcopy(model)).to("cpu").float().eval()
     with _quiet_fx():
         prepared: nn.Module = prepare_fx(
             float_model, get_default_qconfig_mapping(BACKEND), example_inputs=(example,)
@@ -157,7 +158,8 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], size: int,
 
 def int8_skeleton(arch: Arch, num_classes: int, size: int, channels: int = 3) -> nn.Module:
     """The converted int8 graph of ``arch`` with placeholder parameters, to load a state into."""
-    return _convert(_prepare(build_resnet(arch, num_classes=num_classes), size, channels))
+    fresh = build_resnet(arch, num_classes=num_classes)
+    return _convert(_prepare(fresh, size, channels, private=True))
 
 
 def load_int8(arch: Arch, num_classes: int, size: int, channels: int,
