@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Maximum PDU size the listener offers (bytes; 0 = unlimited).",
     )
+    fast_receive: bool = Field(
+        True,
+        description=(
+            "Receive C-STORE data sets on the listener's fast path (scp/fastpath.py); "
+            "false hands every PDU to pynetdicom."
+        ),
+    )
     network_timeout: float = Field(
         60.0, gt=0, description="Seconds an idle association is kept before it is aborted."
     )

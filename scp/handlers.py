@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
+from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
@@ -34,7 +35,7 @@ from scp.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Associations", "ListenerContext", "event_handlers"]
+__all__ = ["Associations", "ListenerContext", "event_handlers", "store_received"]
 
 _REJECT_REASONS = {
     (0x01, 0x03): "calling AE title not allowed",
@@ -104,17 +105,27 @@ def handle_echo(event: Event) -> int:
 
 
 def handle_store(event: Event, ctx: ListenerContext) -> int | Dataset:
-    """C-STORE: durable on disk and in the database before success (see :mod:`scp.store`)."""
+    """C-STORE as pynetdicom delivers it (the fast path calls :func:`store_received`)."""
     request: Any = event.request
-    sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
-    lease = ctx.associations.lease_for(event.assoc)
+    return store_received(
+        ctx, event.assoc, event.dataset_path, str(event.context.transfer_syntax),
+        str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
+    )
+
+
+def store_received(
+    ctx: ListenerContext,
+    assoc: Association,
+    received: Path,
+    transfer_syntax_uid: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+) -> int | Dataset:
+    """C-STORE: durable on disk and in the database before success (see :mod:`scp.store`)."""
+    lease = ctx.associations.lease_for(assoc)
     try:
         result = ctx.store.store(
-            event.dataset_path,
-            str(event.context.transfer_syntax),
-            str(request.AffectedSOPClassUID or ""),
-            sop_instance_uid,
-            lease,
+            received, transfer_syntax_uid, sop_class_uid, sop_instance_uid, lease
         )
     except Rejected as exc:
         logger.warning(

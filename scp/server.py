@@ -17,6 +17,7 @@ the dispatcher as usual.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -54,7 +55,8 @@ from db.models import utcnow
 from db.session import make_engine, session_scope
 from db.settings import Settings
 from scp import completion, registry
-from scp.handlers import Associations, ListenerContext, event_handlers
+from scp.fastpath import FastStoreConfig
+from scp.handlers import Associations, ListenerContext, event_handlers, store_received
 from scp.outbox import CelerySender, OutboxDispatcher, Sender
 from scp.receive import stop_streaming, stream_received_data_sets_to
 from scp.recorder import ORPHAN_SECONDS, reindex_unindexed
@@ -165,6 +167,7 @@ class Listener:
             evt_handlers=event_handlers(self.context),
             server_class=ListenerServer,
             reuse_port=self.reuse_port,
+            fast_store=self._fast_store(),
         )  # bound and listening; nothing is accepted before serve_forever
         self.store.recorder.start()
         stream_received_data_sets_to(self.spool.incoming)
@@ -180,6 +183,21 @@ class Listener:
             "listening on %s:%d as %s (TLS %s, calling AEs %s)",
             self.settings.host, self.port, self.settings.ae_title,
             "on" if server.ssl_context else "off", ",".join(self.settings.allowed_calling_aes),
+        )
+
+    @property
+    def fast_path_answers(self) -> int:
+        """C-STORE requests this process answered on the fast path (:mod:`scp.fastpath`)."""
+        config = self._server.fast_store if self._server is not None else None
+        return config.answered.value if config is not None else 0
+
+    def _fast_store(self) -> FastStoreConfig | None:
+        if not self.settings.fast_receive:
+            return None
+        return FastStoreConfig(
+            store=functools.partial(store_received, self.context),
+            sop_classes=frozenset(str(uid) for uid in STORAGE_SOP_CLASSES),
+            incoming=self.spool.incoming,
         )
 
     def stop(self) -> None:

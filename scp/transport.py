@@ -1,6 +1,8 @@
 """Our pynetdicom server plumbing: port sharing, no forced GC, leaner reads and responses.
 
-Five small departures from pynetdicom's defaults, each for the hot path:
+Small departures from pynetdicom's defaults, each for the hot path (the
+largest, C-STORE requests received and answered on the DUL thread, lives in
+:mod:`scp.fastpath`; :meth:`EventDrivenDUL._read_pdu_data` hands it the PDUs):
 
 - ``SO_REUSEPORT`` when several listener processes share the port;
 - no ``gc.collect()`` from the accept loop (pynetdicom runs a full collection
@@ -58,6 +60,8 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from scp.fastpath import FastStoreConfig, FastStoreReceiver, ProtocolError, fast_path_allowed
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -72,6 +76,11 @@ __all__ = [
 ]
 
 _US = struct.Struct("<H")
+_PDU_HEADER = struct.Struct(">BBL")
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+#: Largest PDU the fast path reads (peers may not exceed the maximum we announce, which is
+#: far below this); a longer one is treated as garbage rather than allocated.
+MAX_PDU_READ = 64 * 1024 * 1024
 _UL = struct.Struct("<L")
 _HEAD = struct.Struct("<HHL")
 
@@ -156,6 +165,28 @@ def use_fast_command_sets(enabled: bool) -> None:
 
 class ReceivingSocket(AssociationSocket):
     """An :class:`AssociationSocket` whose ``recv`` fills one buffer of the requested size."""
+
+    _ctdx_buffer: bytearray | None = None
+
+    def recv_reused(self, nr_bytes: int) -> memoryview:
+        """Read ``nr_bytes`` into a buffer reused from call to call; shorter when closed.
+
+        The view is valid until the next call.
+        """
+        sock = self.socket
+        if sock is None:
+            return memoryview(b"")
+        buffer = self._ctdx_buffer
+        if buffer is None or len(buffer) < nr_bytes:
+            buffer = self._ctdx_buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)[:nr_bytes]
+        received = 0
+        while received < nr_bytes:
+            count = sock.recv_into(view[received:], nr_bytes - received)
+            if not count:
+                return view[:received]
+            received += count
+        return view
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
@@ -274,8 +305,68 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             super().run()
         finally:
+            fast = self.__dict__.get("_ctdx_fast")
+            if fast is not None:
+                fast.close()
             self._ctdx_pipe.close()
             self._ctdx_on_exit()
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU; C-STORE P-DATA-TF PDUs go to the fast path (:mod:`scp.fastpath`).
+
+        Everything else is decoded and queued for the state machine exactly as
+        pynetdicom's own ``_read_pdu_data`` does.
+        """
+        fast: FastStoreReceiver | None = self.__dict__.get("_ctdx_fast")
+        sock = self.socket
+        if (fast is None or not isinstance(sock, ReceivingSocket)
+                or self.state_machine.current_state != "Sta6"):
+            super()._read_pdu_data()
+            return
+        try:
+            header = bytes(sock.recv_reused(6))
+        except (OSError, TimeoutError) as exc:
+            logger.error("connection closed before the entire PDU was received (%s)",
+                         type(exc).__name__)
+            self.event_queue.put("Evt17")
+            return
+        if len(header) != 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+        if pdu_type not in _PDU_TYPES or pdu_length > MAX_PDU_READ:
+            logger.error("invalid PDU received (type 0x%02X, length %d)", pdu_type, pdu_length)
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv_reused(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            logger.error("connection closed before the entire PDU was received (%s)",
+                         type(exc).__name__)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            logger.error("the received PDU is shorter than expected (%d of %d bytes)",
+                         len(body), pdu_length)
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type == 0x04 and not self.assoc._sent_release:
+            try:
+                if fast.take(body, sock.send):
+                    return
+            except ProtocolError as exc:
+                logger.error("invalid P-DATA-TF PDU from the peer: %s; aborting", exc)
+                fast.close()
+                self.event_queue.put("Evt19")
+                return
+        try:
+            pdu, event = self._decode_pdu(bytearray(header) + body)
+        except Exception as exc:  # as pynetdicom: an undecodable PDU is Evt19
+            logger.error("unable to decode the received PDU (%s)", type(exc).__name__)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
 
     def _ctdx_wait(self, seconds: float) -> None:
         if seconds != self._run_loop_delay:  # not the reactor's idle sleep
@@ -394,12 +485,17 @@ def make_event_driven(assoc: Association) -> bool:
 
 
 class _RequestHandler(RequestHandler):
+    server: ListenerServer
+
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         sock = assoc.dul.socket
         if type(sock) is AssociationSocket:
             sock.__class__ = ReceivingSocket
-        make_event_driven(assoc)
+        if make_event_driven(assoc) and self.server.fast_store is not None:
+            if fast_path_allowed(assoc):
+                assoc.dul._ctdx_fast = FastStoreReceiver(  # type: ignore[attr-defined]
+                    assoc, self.server.fast_store)
         return assoc
 
 
@@ -409,8 +505,12 @@ class ListenerServer(ThreadedAssociationServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, *args: Any, reuse_port: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, reuse_port: bool = False,
+                 fast_store: FastStoreConfig | None = None,
+                 **kwargs: Any) -> None:
         self._reuse_port = reuse_port
+        #: the C-STORE fast path's store function and the SOP classes it takes, if enabled
+        self.fast_store = fast_store
         kwargs.setdefault("request_handler", _RequestHandler)
         super().__init__(*args, **kwargs)
 

@@ -1,0 +1,405 @@
+"""The C-STORE fast path: storage requests read, stored and answered on the DUL thread.
+
+pynetdicom turns each received P-DATA-TF PDU into a PDU object, a P-DATA
+primitive, a state-machine event and a DIMSE message, hands the complete
+message to the association thread, which calls our handler, then hands the
+response back to the DUL thread to encode and send: two thread hand-offs and
+several copies of every 128 kB fragment per instance. On a 2-core machine that
+is most of the listener's CPU (measured: a pynetdicom handler that does
+nothing receives about a third of what dcmtk's storescp does).
+
+Here the DUL thread reads each P-DATA-TF PDU into one reused buffer and, for a
+C-STORE request on an accepted storage context, writes the data set fragments
+straight from that buffer into the same temporary file pynetdicom would have
+used (same File Meta, same folder, same digest while writing), calls the
+listener's store function, and sends the C-STORE response PDU itself. State
+Sta6 stays Sta6, as pynetdicom's DT-1 and DT-2 actions would leave it.
+
+Everything else goes to pynetdicom unchanged, PDU by PDU: other commands
+(C-ECHO, MPPS N-CREATE/N-SET), a command set split over several fragments, a
+command with elements this parser does not know, a context or SOP class it
+would refuse, any PDU while pynetdicom is assembling a message, and every
+association that has a handler bound to pynetdicom's PDU-, data- or DIMSE-level
+notification events (debug logging): those would miss events here. A PDV that
+breaks the protocol mid-message (a command fragment, another context) is an
+invalid PDU (Evt19): pynetdicom aborts the association, and the partial file is
+deleted when the DUL thread ends.
+
+The response is built by pynetdicom's own classes (status validation, command
+set, PDV fragmentation to the peer's maximum PDU length), so its bytes are the
+same as pynetdicom's; ``tests/scp/test_fastpath.py`` checks this and the
+fallbacks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import Dataset
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.service_class import StorageServiceClass
+
+from scp.receive import ReceivedFile
+from scp.status import Status, status_dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FastStoreConfig",
+    "FastStoreReceiver",
+    "ProtocolError",
+    "StoreCommand",
+    "StoreFunction",
+    "Tally",
+    "encode_file_meta",
+    "fast_path_allowed",
+    "parse_store_command",
+    "response_pdus",
+]
+
+#: The listener's store: (association, received file, transfer syntax, SOP Class UID,
+#: SOP Instance UID) -> status (an int or a status dataset), as an EVT_C_STORE handler.
+StoreFunction = Callable[[Association, Path, str, str, str], "int | Dataset"]
+
+_PDV = struct.Struct(">LBB")  # item length, presentation context ID, message control header
+_ELEMENT = struct.Struct("<HHL")  # implicit VR little endian: group, element, length
+_US = struct.Struct("<H")
+
+_STATUS_TAG = 0x00000900
+_ERROR_COMMENT_TAG = 0x00000902
+_C_STORE_RQ = 0x0001
+_NO_DATA_SET = 0x0101
+# (0000,eeee) elements a C-STORE-RQ may carry (PS3.7 table 9.1-1)
+_STORE_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030,
+                             0x1031})
+
+#: Notification events whose handlers the fast path would not call: with any of these
+#: bound (pynetdicom's standard debug logging binds several), pynetdicom receives everything.
+LOW_LEVEL_EVENTS = (
+    evt.EVT_DATA_RECV, evt.EVT_DATA_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT,
+    evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT,
+)
+
+
+class Tally:
+    """A thread-safe count (instances answered on the fast path, for tests and logs)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self._value += 1
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+
+@dataclass(frozen=True)
+class FastStoreConfig:
+    """What the listener gives the fast path: its store, the SOP classes, the incoming folder."""
+
+    store: StoreFunction
+    sop_classes: frozenset[str]
+    incoming: Path
+    answered: Tally = field(default_factory=Tally)
+
+
+class ProtocolError(Exception):
+    """A P-DATA-TF PDU that breaks PS3.8 in a way pynetdicom answers with an A-ABORT."""
+
+
+@dataclass(frozen=True)
+class StoreCommand:
+    """What the fast path needs of a C-STORE-RQ command set."""
+
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def _text(value: memoryview) -> str:
+    return bytes(value).decode("ascii", "replace").rstrip("\x00 ")
+
+
+def parse_store_command(raw: memoryview) -> StoreCommand | None:
+    """A C-STORE-RQ command set that announces a data set; ``None`` for anything else.
+
+    Only the elements a C-STORE-RQ may hold are accepted, each with a sane length;
+    whatever this does not recognise is left to pynetdicom's general decoder.
+    """
+    values: dict[int, memoryview] = {}
+    offset, end = 0, len(raw)
+    while offset < end:
+        if offset + 8 > end:
+            return None
+        group, element, length = _ELEMENT.unpack_from(raw, offset)
+        offset += 8
+        if group != 0 or element not in _STORE_ELEMENTS or offset + length > end:
+            return None
+        values[element] = raw[offset:offset + length]
+        offset += length
+    try:
+        field = values[0x0100]
+        message_id = values[0x0110]
+        data_set_type = values[0x0800]
+        sop_class = values[0x0002]
+        sop_instance = values[0x1000]
+    except KeyError:
+        return None
+    if len(field) != 2 or len(message_id) != 2 or len(data_set_type) != 2:
+        return None
+    if _US.unpack(field)[0] != _C_STORE_RQ or _US.unpack(data_set_type)[0] == _NO_DATA_SET:
+        return None
+    if not 0 < len(sop_class) <= 64 or not 0 < len(sop_instance) <= 64:
+        return None
+    return StoreCommand(_US.unpack(message_id)[0], _text(sop_class), _text(sop_instance))
+
+
+def fast_path_allowed(assoc: Association) -> bool:
+    """Whether no handler is bound to an event the fast path would not trigger."""
+    return not any(assoc.get_handlers(event) for event in LOW_LEVEL_EVENTS)
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def _explicit(group_element: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH", 0x0002, group_element) + vr + struct.pack("<H", len(value)) + value
+
+
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta group pynetdicom writes before a streamed data set.
+
+    The bytes of pydicom's ``write_file_meta_info`` for pynetdicom's ``create_file_meta``
+    (a test holds them equal), without building a dataset for each instance.
+    """
+    body = (
+        struct.pack("<HH", 0x0002, 0x0001) + b"OB\x00\x00" + struct.pack("<L", 2) + b"\x00\x01"
+        + _explicit(0x0002, b"UI", _padded(sop_class_uid, b"\x00"))
+        + _explicit(0x0003, b"UI", _padded(sop_instance_uid, b"\x00"))
+        + _explicit(0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00"))
+        + _explicit(0x0012, b"UI", _padded(str(PYNETDICOM_IMPLEMENTATION_UID), b"\x00"))
+        + _explicit(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" "))
+    )
+    group_length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+class _Incoming:
+    """One C-STORE data set being written to its temporary file.
+
+    A write that fails (disk full, I/O error) does not break the association:
+    the rest of the data set is read and dropped, and the request is answered
+    with the failure (:attr:`failure`) instead of calling the store.
+    """
+
+    def __init__(self, command: StoreCommand, context_id: int, transfer_syntax: str,
+                 incoming: Path) -> None:
+        self.command = command
+        self.context_id = context_id
+        self.transfer_syntax = transfer_syntax
+        self.failure: Dataset | None = None
+        self.file: ReceivedFile | None = None
+        try:
+            self.file = ReceivedFile(incoming)
+            self.file.write(encode_file_meta(
+                command.sop_class_uid, command.sop_instance_uid, transfer_syntax))
+        except OSError as exc:
+            self._failed(exc)
+
+    @property
+    def path(self) -> Path:
+        assert self.file is not None
+        return self.file.path
+
+    def write(self, fragment: memoryview) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(fragment)
+            self.file.flush()  # as pynetdicom does for each fragment: starts write-back
+        except OSError as exc:
+            self._failed(exc)
+
+    def discard(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            file.discard()
+
+    def _failed(self, exc: OSError) -> None:
+        self.discard()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.failure = status_dataset(Status.OUT_OF_RESOURCES, "disk full")
+        else:
+            self.failure = status_dataset(Status.OUT_OF_RESOURCES_STORAGE,
+                                          "instance could not be written to the spool")
+        logger.error("C-STORE of %s: received data set not written (%s); answering 0x%04X",
+                     self.command.sop_instance_uid, exc.strerror or type(exc).__name__,
+                     int(self.failure.Status))
+
+
+class FastStoreReceiver:
+    """The fast path of one association; used only from its DUL thread."""
+
+    def __init__(self, assoc: Association, config: FastStoreConfig) -> None:
+        self._assoc = assoc
+        self._store = config.store
+        self._sop_classes = config.sop_classes
+        self._incoming_dir = config.incoming
+        self._answered = config.answered
+        self._incoming: _Incoming | None = None
+
+    def take(self, body: memoryview, send: Callable[[bytes], None]) -> bool:
+        """Process one P-DATA-TF PDU's body (what follows its 6-byte header).
+
+        ``True``: consumed (and answered when it completed a C-STORE); ``False``:
+        untouched, for pynetdicom. Raises :class:`ProtocolError`.
+        """
+        if self._incoming is None:
+            first = self._begin(body)
+            if first is None:
+                return False
+            offset = first
+        else:
+            offset = 0
+        end = len(body)
+        while offset < end:
+            if offset + 6 > end:
+                raise ProtocolError("truncated PDV item")
+            length, context_id, control = _PDV.unpack_from(body, offset)
+            if length < 2 or offset + 4 + length > end:
+                raise ProtocolError(f"PDV item length {length} does not fit the PDU")
+            incoming = self._incoming
+            if incoming is None:  # data after the last fragment, in the same PDU
+                raise ProtocolError("data set fragment after the last one")
+            if control & 1 or context_id != incoming.context_id:
+                raise ProtocolError("command fragment or other context inside a data set")
+            incoming.write(body[offset + 6:offset + 4 + length])
+            offset += 4 + length
+            if control & 2:
+                self._incoming = None
+                self._finish(incoming, send)
+        return True
+
+    def close(self) -> None:
+        """The association ended: delete a partly received data set."""
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            incoming.discard()
+
+    def _begin(self, body: memoryview) -> int | None:
+        """Start a C-STORE if ``body`` opens with its whole command set; the data offset."""
+        assoc = self._assoc
+        if assoc.dimse.message is not None or len(body) < 6:
+            return None  # pynetdicom is assembling a message: it gets the rest too
+        length, context_id, control = _PDV.unpack_from(body, 0)
+        if control & 3 != 3 or length < 2 or 4 + length > len(body):
+            return None
+        command = parse_store_command(body[6:4 + length])
+        if command is None:
+            return None
+        context = assoc._accepted_cx.get(context_id)
+        if context is None or context.abstract_syntax not in self._sop_classes:
+            return None
+        if command.sop_class_uid != context.abstract_syntax or not context.transfer_syntax:
+            return None  # pynetdicom's service class decides what to answer
+        self._incoming = _Incoming(command, context_id, str(context.transfer_syntax[0]),
+                                   self._incoming_dir)
+        return int(4 + length)
+
+    def _finish(self, incoming: _Incoming, send: Callable[[bytes], None]) -> None:
+        command = incoming.command
+        status: int | Dataset
+        try:
+            if incoming.failure is not None:
+                status = incoming.failure
+            else:
+                status = self._store(self._assoc, incoming.path, incoming.transfer_syntax,
+                                     command.sop_class_uid, command.sop_instance_uid)
+        except Exception as exc:  # as pynetdicom answers a failing EVT_C_STORE handler
+            logger.error("Exception in the C-STORE handler (SOP Instance UID %s)",
+                         command.sop_instance_uid)
+            logger.exception(exc)
+            status = 0xC211
+        finally:
+            incoming.discard()
+        for pdu in response_pdus(self._assoc, command, incoming.context_id, status):
+            send(pdu)
+        self._answered.add()
+
+
+def response_pdus(assoc: Association, command: StoreCommand, context_id: int,
+                  status: int | Dataset) -> list[bytes]:
+    """The encoded P-DATA-TF PDUs of a C-STORE response, as pynetdicom would send them."""
+    fast = _encode_response(command, context_id, status, assoc.dimse.maximum_pdu_size)
+    if fast is not None:
+        return [fast]
+    return _pynetdicom_response_pdus(assoc, command, context_id, status)
+
+
+def _encode_response(command: StoreCommand, context_id: int, status: int | Dataset,
+                     max_pdu: int) -> bytes | None:
+    """One P-DATA-TF PDU of the response for a status with at most an Error Comment."""
+    comment: str | None = None
+    if isinstance(status, Dataset):
+        if set(status.keys()) - {_STATUS_TAG, _ERROR_COMMENT_TAG} or "Status" not in status:
+            return None
+        comment = status.get("ErrorComment")
+        status = status.Status
+    if not isinstance(status, int) or not 0 <= status <= 0xFFFF:
+        return None
+    if comment is not None and (not isinstance(comment, str) or not comment.isascii()):
+        return None
+    elements = [
+        _implicit(0x0002, _padded(command.sop_class_uid, b"\x00")),
+        _implicit(0x0100, _US.pack(0x8001)),
+        _implicit(0x0120, _US.pack(command.message_id)),
+        _implicit(0x0800, _US.pack(_NO_DATA_SET)),
+        _implicit(0x0900, _US.pack(status)),
+    ]
+    if comment:
+        elements.append(_implicit(0x0902, _padded(comment, b" ")))
+    elements.append(_implicit(0x1000, _padded(command.sop_instance_uid, b"\x00")))
+    body = b"".join(elements)
+    command_set = _implicit(0x0000, struct.pack("<L", len(body))) + body
+    pdv_length = 2 + len(command_set)
+    if max_pdu and 4 + pdv_length > max_pdu:
+        return None  # pynetdicom fragments it
+    return (struct.pack(">BBL", 0x04, 0x00, 4 + pdv_length)
+            + _PDV.pack(pdv_length, context_id, 0x03) + command_set)
+
+
+def _implicit(element: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(0x0000, element, len(value)) + value
+
+
+def _pynetdicom_response_pdus(assoc: Association, command: StoreCommand, context_id: int,
+                              status: int | Dataset) -> list[bytes]:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = command.message_id
+    rsp.AffectedSOPClassUID = command.sop_class_uid
+    rsp.AffectedSOPInstanceUID = command.sop_instance_uid
+    rsp = StorageServiceClass(assoc).validate_status(status, rsp)
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    pdus = []
+    for primitive in message.encode_msg(context_id, assoc.dimse.maximum_pdu_size):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        pdus.append(pdu.encode())
+    return pdus
