@@ -8,9 +8,13 @@ folder so that giving it its final name is a link on the same file system, and
 so leftovers of a crash are ours to sweep. A large instance (an Enhanced CT of
 hundreds of frames) therefore never sits whole in the listener's memory.
 
-On Linux each chunk written also starts its write-back (``sync_file_range``,
-asynchronous): the disk works while the rest of the instance arrives, so the
-fsync that makes the instance durable before success mostly finds it done.
+On Linux, every ``WRITEBACK_BYTES`` written also start their write-back
+(``sync_file_range``, asynchronous): for a large instance the disk works while
+the rest arrives, so the fsync that makes it durable before success mostly
+finds it done. Not per fragment: for a 512 kB slice that was five more system
+calls (and GIL hand-offs) per instance and measured 10-20% slower receiving.
+The fast path (:mod:`scp.fastpath`) writes through the same class
+(:class:`ReceivedFile`).
 Each chunk is also hashed as it is written (:func:`take_digest`), so the
 handler does not read the whole file back to compute its SHA-256.
 """
@@ -45,6 +49,8 @@ __all__ = [
 
 TEMP_PREFIX = "rx-"
 _SYNC_FILE_RANGE_WRITE = 2
+#: Start write-back each time this much more has been written to a received file.
+WRITEBACK_BYTES = 8 * 1024 * 1024
 
 
 def _load_sync_file_range() -> Any:
@@ -102,6 +108,7 @@ class _WritebackFile:
         self.fd = self._fd
         self.hash = hashlib.sha256()
         self.size = 0
+        self._unsynced = 0
         self.broken = False
         with _digests_lock:
             _digests[name] = self
@@ -112,6 +119,7 @@ class _WritebackFile:
             self.broken = True
         self.hash.update(data)
         self.size += len(data)
+        self._unsynced += len(data)
         return written
 
     def seek(self, *args: Any) -> int:
@@ -123,7 +131,8 @@ class _WritebackFile:
 
     def flush(self) -> None:
         self._file.flush()
-        if _sync_file_range is not None:
+        if _sync_file_range is not None and self._unsynced >= WRITEBACK_BYTES:
+            self._unsynced = 0
             _sync_file_range(self._fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
     def __getattr__(self, name: str) -> Any:

@@ -303,3 +303,27 @@ def test_a_write_failure_mid_data_set_is_answered_and_the_association_goes_on(
     wait_for(lambda: scp_sqlite.instance_count() == 1, timeout=20, message="row")
     assert list(_stored(scp_sqlite)) == [small.sop_instance_uids[0]]
     assert scp_sqlite.incoming_files() == []
+
+
+def test_received_files_start_write_back_per_8_mib_not_per_fragment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scp import receive
+
+    calls: list[int] = []
+    monkeypatch.setattr(receive, "_sync_file_range", lambda fd, *args: calls.append(fd))
+    received = receive.ReceivedFile(tmp_path)
+    fragment = memoryview(bytes(131_072))
+    for _ in range(4):  # a 512 kB slice: no early write-back
+        received.write(fragment)
+        received.flush()
+    assert calls == []
+    for _ in range(64):  # 8 MiB more: once
+        received.write(fragment)
+        received.flush()
+    assert len(calls) == 1
+    digest = receive.take_digest(received.path)
+    assert digest is not None and digest.size_bytes == 68 * 131_072
+    assert digest.sha256 == hashlib.sha256(bytes(68 * 131_072)).hexdigest()
+    received.discard()
+    assert list(tmp_path.iterdir()) == []
