@@ -11,9 +11,15 @@ and with four concurrent senders (each its own copy of the study, new UIDs):
   (``--processes 2``), on a fresh data dir and SQLite database each run
   (``--database-url`` to use PostgreSQL: give an admin URL, a database is
   created per run);
+- ``ctdx scp`` with its fast receive path off (``CTDX_FAST_RECEIVE=false``:
+  every PDU through pynetdicom), the before/after of ``scp/fastpath.py``;
 - for reference, a plain pynetdicom storage SCP on the same contexts and PDU
   size whose handler only renames pynetdicom's received file into a folder
-  (no checks, no fsync, no database): the floor pynetdicom itself sets.
+  (no checks, no fsync, no database): the floor pynetdicom itself sets;
+- for reference, the *durable write floor*: no network and no DICOM, one
+  thread per sender writing its study's files from memory exactly as durably as
+  the listener must before it answers (write, fsync, two links, fsync of both
+  directories). storescp does not fsync; this row shows what that is worth.
 
 Reports slices/s (all slices / wall time from the first sender's start to the
 last one's exit), the ratio to storescp default, and the receiver's peak
@@ -169,13 +175,15 @@ def ctdx_bin() -> list[str]:
 Starter = Callable[[Path, int], "subprocess.Popen[bytes]"]
 
 
-def ctdx(processes: int, admin_url: str | None) -> tuple[Starter, Callable[[Path, int], None]]:
+def ctdx(processes: int, admin_url: str | None,
+         fast_receive: bool = True) -> tuple[Starter, Callable[[Path, int], None]]:
     urls: dict[Path, str] = {}
 
     def start(run_dir: Path, port: int) -> subprocess.Popen[bytes]:
         data = run_dir / "data"
         env = {**os.environ, "CTDX_DATA_DIR": str(data), "CTDX_BROKER_URL": "memory://",
-               "CTDX_MIN_FREE_BYTES": "0", "CTDX_HOST": "127.0.0.1"}
+               "CTDX_MIN_FREE_BYTES": "0", "CTDX_HOST": "127.0.0.1",
+               "CTDX_FAST_RECEIVE": "true" if fast_receive else "false"}
         if admin_url:
             url = create_database(admin_url)
             env["CTDX_DATABASE_URL"] = url
@@ -295,6 +303,52 @@ def run_once(receiver: Receiver, studies: list[Path], slices: int, work: Path) -
     return Run(receiver.name, len(studies), slices * len(studies) / elapsed, peak[0] / 1024)
 
 
+def durable_floor(studies: list[Path], slices: int, work: Path) -> Run:
+    """What durability alone costs, without any network or DICOM: one thread per sender
+    writes its study's files as the listener must before success (temporary file, write,
+    fsync, two hard links, fsync of both directories), from memory. No receiver that fsyncs
+    each instance before answering can be faster than this on the same disk."""
+    run_dir = work / "runs" / f"floor-{uuid.uuid4().hex[:6]}"
+    contents = [[p.read_bytes() for p in sorted(study.glob("*.dcm"))] for study in studies]
+
+    def write_all(index: int, files: list[bytes]) -> None:
+        incoming, final, claims = (run_dir / str(index) / name for name in ("in", "out", "claim"))
+        for folder in (incoming, final, claims):
+            folder.mkdir(parents=True)
+        for number, data in enumerate(files):
+            temporary = incoming / f"{number}.tmp"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+                os.link(temporary, claims / str(number))
+                os.link(temporary, final / f"{number}.dcm")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for folder in (final, claims):
+                directory = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+            os.unlink(temporary)
+
+    threads = [threading.Thread(target=write_all, args=(i, files))
+               for i, files in enumerate(contents)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return Run(FLOOR, len(studies), slices * len(studies) / elapsed, 0.0)
+
+
+FLOOR = "durable write floor (no network, reference)"
+PLAIN = "ctdx scp, pynetdicom receive (CTDX_FAST_RECEIVE=false)"
+
+
 # --- report ----------------------------------------------------------------------------------
 
 @dataclass
@@ -354,10 +408,12 @@ def main(args: argparse.Namespace) -> Table:
     studies = prepare_studies(args.work, args.slices, args.size, max(args.senders))
     one_process, one_check = ctdx(1, args.database_url)
     two_process, two_check = ctdx(2, args.database_url)
+    plain_receive, plain_check = ctdx(1, args.database_url, fast_receive=False)
     receivers = {
         "storescp default": Receiver("storescp default", storescp(False)),
         "storescp +B": Receiver("storescp +B", storescp(True)),
         "ctdx scp": Receiver("ctdx scp", one_process, one_check),
+        PLAIN: Receiver(PLAIN, plain_receive, plain_check),
         "ctdx scp --processes 2": Receiver("ctdx scp --processes 2", two_process, two_check),
         "pynetdicom no-op (reference)": Receiver("pynetdicom no-op (reference)",
                                                  pynetdicom_reference),
@@ -365,14 +421,17 @@ def main(args: argparse.Namespace) -> Table:
     table = Table()
     for round_number in range(1, args.rounds + 1):
         for senders in args.senders:
-            names = ["storescp default", "storescp +B", "ctdx scp"]
+            names = ["storescp default", "storescp +B", "ctdx scp", PLAIN]
             if senders > 1:
                 names.append("ctdx scp --processes 2")
-            names.append("pynetdicom no-op (reference)")
+            names += ["pynetdicom no-op (reference)", FLOOR]
             if args.only:
                 names = [n for n in names if any(n.startswith(o) for o in args.only)]
             for name in names:
-                run = run_once(receivers[name], studies[:senders], args.slices, args.work)
+                if name == FLOOR:
+                    run = durable_floor(studies[:senders], args.slices, args.work)
+                else:
+                    run = run_once(receivers[name], studies[:senders], args.slices, args.work)
                 table.runs.append(run)
                 print(f"round {round_number} senders {senders} {name}: "
                       f"{run.slices_per_second:.0f} slices/s, peak RSS {run.peak_rss_mb:.0f} MB",
