@@ -509,7 +509,7 @@ class ListenerServer(ThreadedAssociationServer):
                  fast_store: FastStoreConfig | None = None,
                  **kwargs: Any) -> None:
         self._reuse_port = reuse_port
-        #: the C-STORE fast path's store function and the SOP classes it takes, if enabled
+        #: what the C-STORE fast path needs (scp.fastpath); None: pynetdicom receives everything
         self.fast_store = fast_store
         kwargs.setdefault("request_handler", _RequestHandler)
         super().__init__(*args, **kwargs)
