@@ -5,8 +5,9 @@ primitive, a state-machine event and a DIMSE message, hands the complete
 message to the association thread, which calls our handler, then hands the
 response back to the DUL thread to encode and send: two thread hand-offs and
 several copies of every 128 kB fragment per instance. On a 2-core machine that
-is most of the listener's CPU (measured: a pynetdicom handler that does
-nothing receives about a third of what dcmtk's storescp does).
+was most of the listener's CPU (measured: a pynetdicom handler that does
+nothing receives less than half of what dcmtk's storescp does; this path is
+1.6-1.7x pynetdicom's receive path, see ``benchmarks/results/scp.md``).
 
 Here the DUL thread reads each P-DATA-TF PDU into one reused buffer and, for a
 C-STORE request on an accepted storage context, writes the data set fragments
@@ -22,13 +23,15 @@ would refuse, any PDU while pynetdicom is assembling a message, and every
 association that has a handler bound to pynetdicom's PDU-, data- or DIMSE-level
 notification events (debug logging): those would miss events here. A PDV that
 breaks the protocol mid-message (a command fragment, another context) is an
-invalid PDU (Evt19): pynetdicom aborts the association, and the partial file is
-deleted when the DUL thread ends.
+invalid PDU (Evt19): pynetdicom aborts the association. A data set the spool
+cannot take (disk full, I/O error) is read to its end and answered with the
+failure. Either way, and when the association ends mid-data-set, the partial
+file is deleted.
 
-The response is built by pynetdicom's own classes (status validation, command
-set, PDV fragmentation to the peer's maximum PDU length), so its bytes are the
-same as pynetdicom's; ``tests/scp/test_fastpath.py`` checks this and the
-fallbacks.
+The response (a status, at most an Error Comment) is encoded here; anything
+else, or a response longer than the peer's maximum PDU, is built by
+pynetdicom's own classes. ``tests/scp/test_fastpath.py`` holds both to
+pynetdicom's bytes, and checks the fallbacks.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from pynetdicom.service_class import StorageServiceClass
 
 from scp.receive import ReceivedFile
 from scp.status import Status, status_dataset
+from scp.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +132,10 @@ class StoreCommand:
     message_id: int
     sop_class_uid: str
     sop_instance_uid: str
+
+
+def _uid_for_log(value: str) -> str:
+    return value if is_valid_uid(value) else "(invalid UID)"
 
 
 def _text(value: memoryview) -> str:
@@ -249,8 +257,8 @@ class _Incoming:
             self.failure = status_dataset(Status.OUT_OF_RESOURCES_STORAGE,
                                           "instance could not be written to the spool")
         logger.error("C-STORE of %s: received data set not written (%s); answering 0x%04X",
-                     self.command.sop_instance_uid, exc.strerror or type(exc).__name__,
-                     int(self.failure.Status))
+                     _uid_for_log(self.command.sop_instance_uid),
+                     exc.strerror or type(exc).__name__, int(self.failure.Status))
 
 
 class FastStoreReceiver:
@@ -333,7 +341,7 @@ class FastStoreReceiver:
                                      command.sop_class_uid, command.sop_instance_uid)
         except Exception as exc:  # as pynetdicom answers a failing EVT_C_STORE handler
             logger.error("Exception in the C-STORE handler (SOP Instance UID %s)",
-                         command.sop_instance_uid)
+                         _uid_for_log(command.sop_instance_uid))
             logger.exception(exc)
             status = 0xC211
         finally:
