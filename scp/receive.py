@@ -143,7 +143,7 @@ class ReceivedFile:
     """A new temporary file in the incoming folder, written like pynetdicom's (the fast path's).
 
     Same prefix (so a crash's leftover is swept), same digest while writing,
-    same write-back per fragment; no ``tempfile`` wrapper.
+    same write-back; no ``tempfile`` wrapper.
     """
 
     def __init__(self, incoming: Path) -> None:
@@ -161,7 +161,7 @@ class ReceivedFile:
         self._writer.write(data)  # type: ignore[arg-type]
 
     def flush(self) -> None:
-        """Hand what was written to the kernel and start its write-back."""
+        """Hand what was written to the kernel; start write-back every ``WRITEBACK_BYTES``."""
         self._writer.flush()
 
     def discard(self) -> None:
