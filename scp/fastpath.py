@@ -43,6 +43,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
@@ -52,6 +53,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.service_class import StorageServiceClass
 
+from scp.command_set import command_set, value_bytes
 from scp.receive import ReceivedFile
 from scp.status import Status, status_dataset
 from scp.uids import is_valid_uid
@@ -181,13 +183,13 @@ def fast_path_allowed(assoc: Association) -> bool:
     return not any(assoc.get_handlers(event) for event in LOW_LEVEL_EVENTS)
 
 
-def _padded(value: str, pad: bytes) -> bytes:
-    raw = value.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def _explicit(group_element: int, vr: bytes, value: bytes) -> bytes:
-    return struct.pack("<HH", 0x0002, group_element) + vr + struct.pack("<H", len(value)) + value
+def _explicit(group_element: int, vr: str, value: str) -> bytes:
+    """One File Meta element, explicit VR little endian, short length form."""
+    encoded = value_bytes(vr, value)
+    if encoded is None:
+        raise ValueError(f"VR {vr} not handled")
+    return (struct.pack("<HH", 0x0002, group_element) + vr.encode("ascii")
+            + struct.pack("<H", len(encoded)) + encoded)
 
 
 def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
@@ -198,11 +200,11 @@ def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_
     """
     body = (
         struct.pack("<HH", 0x0002, 0x0001) + b"OB\x00\x00" + struct.pack("<L", 2) + b"\x00\x01"
-        + _explicit(0x0002, b"UI", _padded(sop_class_uid, b"\x00"))
-        + _explicit(0x0003, b"UI", _padded(sop_instance_uid, b"\x00"))
-        + _explicit(0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00"))
-        + _explicit(0x0012, b"UI", _padded(str(PYNETDICOM_IMPLEMENTATION_UID), b"\x00"))
-        + _explicit(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" "))
+        + _explicit(0x0002, "UI", sop_class_uid)
+        + _explicit(0x0003, "UI", sop_instance_uid)
+        + _explicit(0x0010, "UI", transfer_syntax_uid)
+        + _explicit(0x0012, "UI", str(PYNETDICOM_IMPLEMENTATION_UID))
+        + _explicit(0x0013, "SH", PYNETDICOM_IMPLEMENTATION_VERSION)
     )
     group_length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HL", 4, len(body))
     return b"\x00" * 128 + b"DICM" + group_length + body
@@ -371,29 +373,26 @@ def _encode_response(command: StoreCommand, context_id: int, status: int | Datas
         status = status.Status
     if not isinstance(status, int) or not 0 <= status <= 0xFFFF:
         return None
-    if comment is not None and (not isinstance(comment, str) or not comment.isascii()):
+    if comment is not None and not isinstance(comment, str):
         return None
-    elements = [
-        _implicit(0x0002, _padded(command.sop_class_uid, b"\x00")),
-        _implicit(0x0100, _US.pack(0x8001)),
-        _implicit(0x0120, _US.pack(command.message_id)),
-        _implicit(0x0800, _US.pack(_NO_DATA_SET)),
-        _implicit(0x0900, _US.pack(status)),
+    elements: list[tuple[int, str, Any]] = [
+        (0x0002, "UI", command.sop_class_uid),
+        (0x0100, "US", 0x8001),
+        (0x0120, "US", command.message_id),
+        (0x0800, "US", _NO_DATA_SET),
+        (0x0900, "US", status),
     ]
     if comment:
-        elements.append(_implicit(0x0902, _padded(comment, b" ")))
-    elements.append(_implicit(0x1000, _padded(command.sop_instance_uid, b"\x00")))
-    body = b"".join(elements)
-    command_set = _implicit(0x0000, struct.pack("<L", len(body))) + body
-    pdv_length = 2 + len(command_set)
+        elements.append((0x0902, "LO", comment))
+    elements.append((0x1000, "UI", command.sop_instance_uid))
+    encoded = command_set(elements)  # None: text that is not ASCII
+    if encoded is None:
+        return None
+    pdv_length = 2 + len(encoded)
     if max_pdu and 4 + pdv_length > max_pdu:
         return None  # pynetdicom fragments it
     return (struct.pack(">BBL", 0x04, 0x00, 4 + pdv_length)
-            + _PDV.pack(pdv_length, context_id, 0x03) + command_set)
-
-
-def _implicit(element: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(0x0000, element, len(value)) + value
+            + _PDV.pack(pdv_length, context_id, 0x03) + encoded)
 
 
 def _pynetdicom_response_pdus(assoc: Association, command: StoreCommand, context_id: int,

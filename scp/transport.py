@@ -11,7 +11,7 @@ largest, C-STORE requests received and answered on the DUL thread, lives in
   size instead of 4 kB ``recv`` calls appended to a growing ``bytearray``
   (a 256 kB P-DATA PDU: 64 system calls and copies become one or two);
 - DIMSE command sets (a dozen group 0000 elements, always implicit VR little
-  endian) are encoded by :func:`encode_command_set` instead of pydicom's
+  endian) are encoded by :func:`scp.command_set.encode_command_set` instead of pydicom's
   general writer, which pynetdicom calls twice per message (once to measure
   the group length): about 1 ms of the listener's CPU per C-STORE response.
   Anything it does not recognise goes to pydicom as before, and a test keeps
@@ -54,12 +54,12 @@ from typing import Any
 import pynetdicom.association
 import pynetdicom.dul
 from pydicom import Dataset
-from pydicom.datadict import dictionary_VR
 from pynetdicom import dimse_messages
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from scp.command_set import encode_command_set
 from scp.fastpath import FastStoreConfig, FastStoreReceiver, ProtocolError, fast_path_allowed
 
 logger = logging.getLogger(__name__)
@@ -70,63 +70,15 @@ __all__ = [
     "EventDrivenDUL",
     "ListenerServer",
     "ReceivingSocket",
-    "encode_command_set",
     "use_event_driven_waits",
     "use_fast_command_sets",
 ]
 
-_US = struct.Struct("<H")
 _PDU_HEADER = struct.Struct(">BBL")
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 #: Largest PDU the fast path reads (peers may not exceed the maximum we announce, which is
 #: far below this); a longer one is treated as garbage rather than allocated.
 MAX_PDU_READ = 64 * 1024 * 1024
-_UL = struct.Struct("<L")
-_HEAD = struct.Struct("<HHL")
-
-
-def _value_bytes(vr: str, value: Any) -> bytes | None:
-    """The implicit VR LE encoding of one command element value; ``None``: not handled."""
-    if value is None or value == "":
-        return b""
-    if vr == "US":
-        values = value if isinstance(value, list) else [value]
-        return b"".join(_US.pack(int(v)) for v in values)
-    if vr == "UL":
-        values = value if isinstance(value, list) else [value]
-        return b"".join(_UL.pack(int(v)) for v in values)
-    if vr == "UI":
-        raw = str(value).encode("ascii")
-        return raw + b"\x00" if len(raw) % 2 else raw
-    if vr in ("AE", "LO", "SH", "CS", "ST"):
-        if not isinstance(value, str):
-            return None
-        raw = value.encode("ascii")
-        return raw + b" " if len(raw) % 2 else raw
-    return None
-
-
-def encode_command_set(ds: Dataset) -> bytes | None:
-    """Encode a DIMSE command set (group 0000, implicit VR LE); ``None`` when not one.
-
-    Same bytes as pydicom's ``write_dataset`` for what it handles: US, UL, UI
-    (NUL padded), short text VRs (space padded); other VRs or groups: ``None``.
-    """
-    out = bytearray()
-    for tag in sorted(ds.keys()):
-        if tag >> 16 != 0:
-            return None
-        element = ds[tag]
-        try:
-            vr = element.VR or dictionary_VR(tag)
-            encoded = _value_bytes(vr, element.value)
-        except (KeyError, UnicodeEncodeError, TypeError, ValueError, struct.error):
-            return None
-        if encoded is None:
-            return None
-        out += _HEAD.pack(tag >> 16, tag & 0xFFFF, len(encoded))
-        out += encoded
-    return bytes(out)
 
 
 _lock = threading.Lock()
