@@ -140,8 +140,10 @@ def _uid_for_log(value: str) -> str:
     return value if is_valid_uid(value) else "(invalid UID)"
 
 
-def _text(value: memoryview) -> str:
-    return bytes(value).decode("ascii", "replace").rstrip("\x00 ")
+def _text(value: memoryview) -> str | None:
+    """An ASCII value without its padding; ``None`` when not ASCII (pynetdicom decodes it)."""
+    raw = bytes(value)
+    return raw.decode("ascii").rstrip("\x00 ") if raw.isascii() else None
 
 
 def parse_store_command(raw: memoryview) -> StoreCommand | None:
@@ -175,7 +177,10 @@ def parse_store_command(raw: memoryview) -> StoreCommand | None:
         return None
     if not 0 < len(sop_class) <= 64 or not 0 < len(sop_instance) <= 64:
         return None
-    return StoreCommand(_US.unpack(message_id)[0], _text(sop_class), _text(sop_instance))
+    sop_class_uid, sop_instance_uid = _text(sop_class), _text(sop_instance)
+    if sop_class_uid is None or sop_instance_uid is None:
+        return None
+    return StoreCommand(_US.unpack(message_id)[0], sop_class_uid, sop_instance_uid)
 
 
 def fast_path_allowed(assoc: Association) -> bool:

@@ -96,7 +96,8 @@ def test_parse_store_command_leaves_everything_else_to_pynetdicom() -> None:
     echo_bytes = bytes(encode(echo_message.command_set, True, True) or b"")
     full = _store_command_set()
     unknown = full + struct.pack("<HHL", 0x0000, 0x5010, 2) + b"AB"  # not a C-STORE-RQ element
-    for raw in (echo_bytes, _store_command_set(with_data=False), full[:-3], unknown,
+    not_ascii = full.replace(UID_ODD.encode(), b"1.2.\xe9" + UID_ODD.encode()[5:])
+    for raw in (echo_bytes, _store_command_set(with_data=False), full[:-3], unknown, not_ascii,
                 struct.pack("<HHL", 0x0008, 0x0016, 0)):
         assert parse_store_command(memoryview(raw)) is None
 
