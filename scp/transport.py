@@ -275,32 +275,17 @@ class EventDrivenDUL(DULServiceProvider):
                 or self.state_machine.current_state != "Sta6"):
             super()._read_pdu_data()
             return
-        try:
-            header = bytes(sock.recv_reused(6))
-        except (OSError, TimeoutError) as exc:
-            logger.error("connection closed before the entire PDU was received (%s)",
-                         type(exc).__name__)
-            self.event_queue.put("Evt17")
+        head = self._ctdx_receive(sock, 6, closed_quietly=True)
+        if head is None:
             return
-        if len(header) != 6:
-            self.event_queue.put("Evt17")
-            return
+        header = bytes(head)
         pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
         if pdu_type not in _PDU_TYPES or pdu_length > MAX_PDU_READ:
             logger.error("invalid PDU received (type 0x%02X, length %d)", pdu_type, pdu_length)
             self.event_queue.put("Evt19")
             return
-        try:
-            body = sock.recv_reused(pdu_length)
-        except (OSError, TimeoutError) as exc:
-            logger.error("connection closed before the entire PDU was received (%s)",
-                         type(exc).__name__)
-            self.event_queue.put("Evt17")
-            return
-        if len(body) != pdu_length:
-            logger.error("the received PDU is shorter than expected (%d of %d bytes)",
-                         len(body), pdu_length)
-            self.event_queue.put("Evt17")
+        body = self._ctdx_receive(sock, pdu_length)
+        if body is None:
             return
         if pdu_type == 0x04 and not self.assoc._sent_release:
             try:
@@ -319,6 +304,30 @@ class EventDrivenDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _ctdx_receive(self, sock: ReceivingSocket, length: int,
+                      closed_quietly: bool = False) -> memoryview | None:
+        """``length`` bytes from the peer; ``None`` (Evt17 queued) when the connection broke.
+
+        ``closed_quietly``: a connection closed before the first byte is not logged (between
+        PDUs, as pynetdicom does).
+        """
+        try:
+            data = sock.recv_reused(length)
+        except (OSError, TimeoutError) as exc:
+            logger.error("connection closed before the entire PDU was received (%s)",
+                         type(exc).__name__)
+            self.event_queue.put("Evt17")
+            return None
+        if len(data) != length:
+            if closed_quietly and not data:
+                self.event_queue.put("Evt17")
+                return None
+            logger.error("connection closed before the entire PDU was received "
+                         "(%d of %d bytes)", len(data), length)
+            self.event_queue.put("Evt17")
+            return None
+        return data
 
     def _ctdx_wait(self, seconds: float) -> None:
         if seconds != self._run_loop_delay:  # not the reactor's idle sleep
