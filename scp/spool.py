@@ -198,11 +198,7 @@ class Spool:
         kept = self.root / CONFLICTS_DIR / f"{sop_instance_uid}.{sha256[:16]}.dcm"
         if not _same_file(marker, final):
             return None
-        self._ensure_directory(kept.parent)
-        try:
-            os.link(marker, kept)
-        except FileExistsError:
-            pass
+        self._link_into(marker, kept)  # already there: kept by an earlier attempt
         fsync_directory(kept.parent)
         final.unlink()
         fsync_directory(final.parent)
@@ -218,12 +214,8 @@ class Spool:
         final = self.path_of(relative)
         if final.exists():
             return
-        self._ensure_directory(final.parent)
-        try:
-            os.link(marker, final)
-        except FileExistsError:
-            return
-        fsync_directory(final.parent)
+        if self._link_into(marker, final):
+            fsync_directory(final.parent)
 
     def place(self, sealed_path: Path, relative: str) -> None:
         """Atomically replace the file under ``relative`` by a sealed file, durably.
@@ -269,6 +261,15 @@ class Spool:
             return True
         finally:
             part.unlink(missing_ok=True)
+
+    def _link_into(self, source: Path, target: Path) -> bool:
+        """Hard-link ``source`` as ``target``, creating its folder; ``False`` if it exists."""
+        self._ensure_directory(target.parent)
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            return False
+        return True
 
     def _ensure_directory(self, directory: Path) -> None:
         if directory in self._known_dirs:
