@@ -27,6 +27,7 @@ from db.models import Instance, Series, Study, StudyVersion, VersionState
 from db.session import make_engine, session_scope
 from db.settings import Settings, load_settings
 from tests.conftest import REPO_ROOT
+from worker.study import InstanceRef
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,16 @@ class StoredStudy:
     study_instance_uid: str
     series_instance_uids: tuple[str, ...]
     sop_instance_uids: tuple[str, ...]
+
+
+def instance_refs(paths: Sequence[Path]) -> list[InstanceRef]:
+    """What the worker knows of stored files, read from their headers."""
+    refs = []
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        refs.append(InstanceRef(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                                str(ds.file_meta.TransferSyntaxUID), path))
+    return refs
 
 
 def store_files(

@@ -23,13 +23,13 @@ from db.session import make_engine, session_scope
 from db.settings import Settings
 from model_train.phantom import write_enhanced_phantom, write_phantom_series
 from tests.report.conftest import dciodvfy
-from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings
+from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings, instance_refs
 from worker import runtime, service
 from worker.errors import InconsistentSeries, NoUsableSeries
 from worker.loading import iter_batches, order_series
 from worker.series_selection import choose, describe_series, load_rules
 from worker.service import Outcome
-from worker.study import InstanceRef, SeriesRef
+from worker.study import SeriesRef
 
 N, SIZE = 12, 64
 
@@ -41,17 +41,8 @@ def _order(n: int = N, seed: int = 0) -> list[int]:
     return order
 
 
-def _refs(paths: list[Path]) -> list[InstanceRef]:
-    refs = []
-    for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        refs.append(InstanceRef(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
-                                str(ds.file_meta.TransferSyntaxUID), path))
-    return refs
-
-
 def _hu(paths: list[Path], batch_size: int = 5) -> np.ndarray:
-    series = order_series(_refs(paths))
+    series = order_series(instance_refs(paths))
     return np.concatenate([b.hu for b in iter_batches(series, batch_size=batch_size)])
 
 
@@ -75,7 +66,7 @@ def test_frames_are_ordered_by_position_with_the_hu_of_the_classic_series(
                                       frame_order=order, per_frame_rescale=per_frame_rescale,
                                       transfer_syntax_uid=syntax)
     classic = write_phantom_series(tmp_path / "c", "covid19", n_slices=N, size=SIZE, seed=3)
-    series = order_series(_refs(list(enhanced.paths)))
+    series = order_series(instance_refs(list(enhanced.paths)))
     assert len(series.slices) == N
     positions = [s.position for s in series.slices]
     assert positions == sorted(positions) and positions[0] == -2.0 * (N - 1)
@@ -110,31 +101,31 @@ def test_inconsistent_frames_are_refused_naming_the_frame(tmp_path: Path) -> Non
 
     _rewrite(path, tilt_frame_4)
     with pytest.raises(InconsistentSeries, match=r"differ in orientation: .* frame 4"):
-        order_series(_refs([path]))
+        order_series(instance_refs([path]))
 
     path.write_bytes(original)
     _rewrite(path, lambda ds: delattr(ds.PerFrameFunctionalGroupsSequence[2],
                                       "PlanePositionSequence"))
     with pytest.raises(InconsistentSeries, match="frame 3 has no usable Plane Position"):
-        order_series(_refs([path]))
+        order_series(instance_refs([path]))
 
     path.write_bytes(original)
     _rewrite(path, lambda ds: setattr(ds, "NumberOfFrames", 5))
     with pytest.raises(InconsistentSeries, match="NumberOfFrames is 5 but .* 6 items"):
-        order_series(_refs([path]))
+        order_series(instance_refs([path]))
 
     # two Enhanced CT instances of one series whose frames differ in size
     other = write_enhanced_phantom(tmp_path / "o", "normal", n_slices=3, size=48, seed=0)
     path.write_bytes(original)
     with pytest.raises(InconsistentSeries, match="differ in size"):
-        order_series(_refs([path, other.paths[0]]))
+        order_series(instance_refs([path, other.paths[0]]))
 
 
 def test_classic_and_enhanced_in_one_series_is_refused(tmp_path: Path) -> None:
     enhanced = write_enhanced_phantom(tmp_path / "e", "normal", n_slices=4, size=32, seed=0)
     classic = write_phantom_series(tmp_path / "c", "normal", n_slices=4, size=32, seed=0)
     with pytest.raises(InconsistentSeries, match="mixes 4 single-frame .* and 1 multi-frame"):
-        order_series(_refs([*classic.paths, *enhanced.paths]))
+        order_series(instance_refs([*classic.paths, *enhanced.paths]))
 
     # a multi-frame instance without functional groups cannot be placed frame by frame
     ds = pydicom.dcmread(classic.paths[0])
@@ -142,12 +133,12 @@ def test_classic_and_enhanced_in_one_series_is_refused(tmp_path: Path) -> None:
     ds.PixelData = ds.PixelData * 2
     ds.save_as(classic.paths[0])
     with pytest.raises(InconsistentSeries, match="2 frames but no functional groups"):
-        order_series(_refs([classic.paths[0]]))
+        order_series(instance_refs([classic.paths[0]]))
 
 
 def _series(paths: list[Path], number: int) -> SeriesRef:
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    return SeriesRef(str(ds.SeriesInstanceUID), number, "CT", None, tuple(_refs(paths)))
+    return SeriesRef(str(ds.SeriesInstanceUID), number, "CT", None, tuple(instance_refs(paths)))
 
 
 def test_selection_counts_frames_as_slices_and_reads_the_functional_groups(
@@ -297,7 +288,7 @@ def test_truncated_multiframe_pixel_data_names_the_instance(tmp_path: Path) -> N
     study = write_enhanced_phantom(tmp_path / "e", "normal", n_slices=6, size=32, seed=0,
                                    frame_order=[5, 4, 3, 2, 1, 0])
     _rewrite(study.paths[0], lambda ds: setattr(ds, "PixelData", ds.PixelData[:32 * 32 * 2 * 3]))
-    series = order_series(_refs(list(study.paths)))
+    series = order_series(instance_refs(list(study.paths)))
     with pytest.raises(UndecodablePixelData, match=study.sop_instance_uids[0]) as info:
         list(iter_batches(series, batch_size=4))
     assert "frame" in str(info.value)

@@ -23,20 +23,11 @@ from pydicom.uid import (
 from model_train.method.hu import MIN_HU
 from model_train.phantom import phantom_volume, write_phantom_series
 from tests.conftest import require_tool
+from tests.worker.conftest import instance_refs
 from worker.errors import InconsistentSeries, UndecodablePixelData
 from worker.loading import decode_hu, iter_batches, order_series
-from worker.study import InstanceRef
 
 SIZE, N = 64, 12
-
-
-def _refs(paths: list[Path]) -> list[InstanceRef]:
-    refs = []
-    for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        refs.append(InstanceRef(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
-                                str(ds.file_meta.TransferSyntaxUID), path))
-    return refs
 
 
 def _expected_hu() -> np.ndarray:
@@ -47,7 +38,7 @@ def _expected_hu() -> np.ndarray:
 
 
 def _read_all(paths: list[Path]) -> np.ndarray:
-    series = order_series(_refs(paths))
+    series = order_series(instance_refs(paths))
     batches = list(iter_batches(series, batch_size=5))
     assert [len(b.slices) for b in batches] == [5, 5, 2]  # streamed, never the whole series
     return np.concatenate([b.hu for b in batches])
@@ -66,7 +57,7 @@ def test_slices_are_ordered_by_position_not_instance_number_or_file_name(tmp_pat
         path.unlink()
         paths.append(renamed)
     random.Random(1).shuffle(paths)
-    series = order_series(_refs(paths))
+    series = order_series(instance_refs(paths))
     positions = [s.position for s in series.slices]
     assert positions == sorted(positions) and positions[0] == -2.0 * (N - 1)
     assert [s.index for s in series.slices] == list(range(N))
@@ -83,7 +74,7 @@ def test_order_follows_the_slice_normal_of_a_tilted_series(tmp_path: Path) -> No
         ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
         ds.ImagePositionPatient = [x, -175.0, 100.0 - x]  # z deliberately anti-correlated
         ds.save_as(path)
-    series = order_series(_refs(list(study.paths)))
+    series = order_series(instance_refs(list(study.paths)))
     assert [s.position for s in series.slices] == sorted(-x for x in xs)
     by_x = sorted(zip(xs, study.paths, strict=True), reverse=True)
     assert [s.path for s in series.slices] == [p for _, p in by_x]
@@ -128,7 +119,7 @@ def test_rescale_slope_and_intercept_give_hu_per_instance(tmp_path: Path) -> Non
     ds.RescaleSlope, ds.RescaleIntercept = 2, -2048
     ds.PixelData = (raw // 2).astype(np.uint16).tobytes()  # stored*2 - 2048 = raw - 1024 (+-1)
     ds.save_as(study.paths[0])
-    series = order_series(_refs(list(study.paths)))
+    series = order_series(instance_refs(list(study.paths)))
     first = next(s for s in series.slices if s.path == study.paths[0])
     hu = decode_hu(first)
     expected = np.maximum((raw // 2) * 2.0 - 2048.0, MIN_HU)
@@ -141,7 +132,7 @@ def test_truncated_pixel_data_names_the_instance(tmp_path: Path) -> None:
     ds = pydicom.dcmread(study.paths[1])
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
     ds.save_as(study.paths[1])
-    series = order_series(_refs(list(study.paths)))
+    series = order_series(instance_refs(list(study.paths)))
     with pytest.raises(UndecodablePixelData) as info:
         list(iter_batches(series, batch_size=2))
     assert info.value.sop_instance_uid == study.sop_instance_uids[1]
@@ -156,14 +147,14 @@ def test_corrupt_jpeg_stream_names_the_instance(tmp_path: Path) -> None:
     frame[40:] = bytes(len(frame) - 40)  # keep the item header, destroy the codestream
     ds.PixelData = bytes(frame)
     ds.save_as(study.paths[0])
-    series = order_series(_refs(list(study.paths)))
+    series = order_series(instance_refs(list(study.paths)))
     with pytest.raises(UndecodablePixelData, match=study.sop_instance_uids[0]):
         list(iter_batches(series, batch_size=4, decode_threads=2))
 
 
 def test_not_dicom_and_missing_positions_are_domain_errors(tmp_path: Path) -> None:
     study = write_phantom_series(tmp_path / "s", "normal", n_slices=2, size=SIZE, seed=0)
-    refs = _refs(list(study.paths))
+    refs = instance_refs(list(study.paths))
     shutil.copy(study.paths[0], tmp_path / "backup.dcm")
     study.paths[0].write_bytes(b"not a dicom file at all")
     with pytest.raises(UndecodablePixelData, match=refs[0].sop_instance_uid):
