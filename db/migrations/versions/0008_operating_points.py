@@ -1,0 +1,22 @@
+"""validation: the site's adopted operating points (issue 15)
+
+Placeholder: no schema change yet (the issue's work fills it in or leaves it a no-op).
+
+Revision ID: 0008
+Revises: 0007
+"""
+
+from __future__ import annotations
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass

@@ -1,0 +1,22 @@
+"""retention: pruned spool records and alert outbox (issue 18)
+
+Placeholder: no schema change yet (the issue's work fills it in or leaves it a no-op).
+
+Revision ID: 0009
+Revises: 0008
+"""
+
+from __future__ import annotations
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
