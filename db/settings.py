@@ -102,6 +102,32 @@ class Settings(BaseSettings):
         ge=0,
         description="Free disk space under the data dir below which C-STORE answers 0xA700.",
     )
+    retention_days: float = Field(
+        7.0,
+        ge=0,
+        description=(
+            "Source instances of finished study versions (analysed or failed, every report "
+            "delivered or dead) are deleted from the spool this many days after they arrived; "
+            "results, audit rows and ctdx's report objects stay (`ctdx spool prune`)."
+        ),
+    )
+    emergency_free_bytes: int = Field(
+        5_000_000_000,
+        ge=0,
+        description=(
+            "High-water mark above CTDX_MIN_FREE_BYTES: below this much free space the oldest "
+            "finished studies are pruned before their retention is over (never one not yet "
+            "analysed or whose report is not yet delivered); 0 turns this off."
+        ),
+    )
+    prune_interval_seconds: float = Field(
+        300.0,
+        ge=0,
+        description=(
+            "How often `ctdx worker`'s main process prunes the spool (retention and emergency "
+            "cleaning); 0 turns it off (then run `ctdx spool prune` from cron)."
+        ),
+    )
 
     # --- study completion and queueing ----------------------------------------
     quiet_seconds: float = Field(
@@ -233,9 +259,52 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- alerts (docs/alerts.md) --------------------------------------------------
+    alert_webhook_urls: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description=(
+            "Comma-separated URLs that receive alerts as signed JSON POSTs (schema: "
+            "docs/alerts.md); unset = no alerts."
+        ),
+    )
+    alert_events: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("study.covid19", "study.failed", "export.dead", "status.changed"),
+        description=(
+            "Comma-separated events that are alerted: `study.covid19`, `study.failed`, "
+            "`export.dead`, `status.changed` (self-test studies never alert)."
+        ),
+    )
+    alert_secret: str | None = Field(
+        None,
+        description=(
+            "HMAC-SHA256 key; when set, each alert carries `X-Ctdx-Signature: sha256=<hex>` "
+            "of its body."
+        ),
+    )
+    alert_include_phi: bool = Field(
+        False,
+        description="Add patient name and ID to alert payloads (default: UIDs and accession only).",
+    )
+    alert_timeout_seconds: float = Field(
+        10.0, gt=0, le=120, description="Time-out of one alert POST (connect and response)."
+    )
+    alert_max_attempts: int = Field(
+        10, ge=1, description="POST attempts per alert and URL before it is dead-lettered."
+    )
+    alert_backoff_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="Delay after the first failed alert POST; doubles after each, at most 1 hour.",
+    )
+
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod
     def _parse_aes(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("alert_webhook_urls", "alert_events", mode="before")
+    @classmethod
+    def _parse_alerts(cls, value: Any) -> Any:
         return _split_csv(value)
 
     @field_validator("report_outputs", mode="before")

@@ -3,6 +3,13 @@
 from db.models.audit import AuditEntry
 from db.models.base import Base, utcnow
 from db.models.exports import Export, ExportState
+from db.models.housekeeping import (
+    Alert,
+    AlertState,
+    PruneState,
+    SelftestStudy,
+    SpoolPrune,
+)
 from db.models.listener import (
     Instance,
     OutboxEntry,
@@ -16,6 +23,8 @@ from db.models.listener import (
 from db.models.results import Analysis, AnalysisState, SliceResult
 
 __all__ = [
+    "Alert",
+    "AlertState",
     "Analysis",
     "AnalysisState",
     "AuditEntry",
@@ -25,9 +34,12 @@ __all__ = [
     "Instance",
     "OutboxEntry",
     "PerformedProcedureStep",
+    "PruneState",
     "ReceivingLease",
+    "SelftestStudy",
     "Series",
     "SliceResult",
+    "SpoolPrune",
     "Study",
     "StudyVersion",
     "VersionState",
