@@ -223,6 +223,35 @@ class Settings(BaseSettings):
             "abandoned (worker killed) and another worker takes the study over."
         ),
     )
+    queued_timeout: float = Field(
+        600.0,
+        ge=5,
+        description=(
+            "Seconds a study may wait queued without a worker claiming it before the listener "
+            "or a worker publishes it to the broker again (the broker lost the message); "
+            "stale claims are published again after CTDX_CLAIM_TIMEOUT."
+        ),
+    )
+    outbox_alert_seconds: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "A study waiting this long in the outbox (broker unreachable) is logged once as a "
+            "warning by the listener and makes `ctdx status` report degraded."
+        ),
+    )
+    metrics_port: int = Field(
+        9108,
+        ge=0,
+        le=65535,
+        description="Port of the listener's Prometheus metrics (HTTP /metrics); 0 turns it off.",
+    )
+    worker_metrics_port: int = Field(
+        9109,
+        ge=0,
+        le=65535,
+        description="Port of each worker's Prometheus metrics (HTTP /metrics); 0 turns it off.",
+    )
 
     # --- reporting ----------------------------------------------------------------
     pacs_ae_title: str = Field(

@@ -20,6 +20,7 @@ from db.models.listener import (
     StudyVersion,
     VersionState,
 )
+from db.models.operations import ServiceHeartbeat, ServiceKind
 from db.models.results import Analysis, AnalysisState, SliceResult
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "ReceivingLease",
     "SelftestStudy",
     "Series",
+    "ServiceHeartbeat",
+    "ServiceKind",
     "SliceResult",
     "SpoolPrune",
     "Study",
