@@ -16,10 +16,15 @@ used (same File Meta, same folder, same digest while writing), calls the
 listener's store function, and sends the C-STORE response PDU itself. State
 Sta6 stays Sta6, as pynetdicom's DT-1 and DT-2 actions would leave it.
 
+A C-STORE whose command the listener refuses (its SOP class is not the
+context's, its Affected SOP Instance UID missing or invalid: see
+:mod:`scp.command_check`) is read to its end without writing anything and
+answered with that status; the association goes on.
+
 Everything else goes to pynetdicom unchanged, PDU by PDU: other commands
 (C-ECHO, MPPS N-CREATE/N-SET), a command set split over several fragments, a
-command with elements this parser does not know, a context or SOP class it
-would refuse, any PDU while pynetdicom is assembling a message, and every
+command with elements this parser does not know, a context that is not a
+storage context, any PDU while pynetdicom is assembling a message, and every
 association that has a handler bound to pynetdicom's PDU-, data- or DIMSE-level
 notification events (debug logging): those would miss events here. A PDV that
 breaks the protocol mid-message (a command fragment, another context) is an
@@ -53,9 +58,10 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.service_class import StorageServiceClass
 
+from scp.command_check import check_store_command
 from scp.command_set import command_set, value_bytes
 from scp.receive import ReceivedFile
-from scp.status import Status, status_dataset
+from scp.status import Rejected, Status, status_dataset
 from scp.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
@@ -133,11 +139,11 @@ class StoreCommand:
 
     message_id: int
     sop_class_uid: str
-    sop_instance_uid: str
+    sop_instance_uid: str | None  # None: absent; not ASCII: decoded as Latin-1 (refused)
 
 
-def _uid_for_log(value: str) -> str:
-    return value if is_valid_uid(value) else "(invalid UID)"
+def _uid_for_log(value: str | None) -> str:
+    return value if value is not None and is_valid_uid(value) else "(invalid UID)"
 
 
 def _text(value: memoryview) -> str | None:
@@ -150,7 +156,8 @@ def parse_store_command(raw: memoryview) -> StoreCommand | None:
     """A C-STORE-RQ command set that announces a data set; ``None`` for anything else.
 
     Only the elements a C-STORE-RQ may hold are accepted, each with a sane length;
-    whatever this does not recognise is left to pynetdicom's general decoder.
+    whatever this does not recognise is left to pynetdicom's general decoder. The
+    Affected SOP Instance UID may be absent or invalid: the caller refuses it.
     """
     values: dict[int, memoryview] = {}
     offset, end = 0, len(raw)
@@ -168,18 +175,20 @@ def parse_store_command(raw: memoryview) -> StoreCommand | None:
         message_id = values[0x0110]
         data_set_type = values[0x0800]
         sop_class = values[0x0002]
-        sop_instance = values[0x1000]
     except KeyError:
         return None
     if len(field) != 2 or len(message_id) != 2 or len(data_set_type) != 2:
         return None
     if _US.unpack(field)[0] != _C_STORE_RQ or _US.unpack(data_set_type)[0] == _NO_DATA_SET:
         return None
-    if not 0 < len(sop_class) <= 64 or not 0 < len(sop_instance) <= 64:
+    if not 0 < len(sop_class) <= 64:
         return None
-    sop_class_uid, sop_instance_uid = _text(sop_class), _text(sop_instance)
-    if sop_class_uid is None or sop_instance_uid is None:
+    sop_class_uid = _text(sop_class)
+    if sop_class_uid is None:
         return None
+    sop_instance = values.get(0x1000)
+    sop_instance_uid = (None if sop_instance is None
+                        else bytes(sop_instance).decode("latin-1").rstrip("\x00 "))
     return StoreCommand(_US.unpack(message_id)[0], sop_class_uid, sop_instance_uid)
 
 
@@ -224,12 +233,16 @@ class _Incoming:
     """
 
     def __init__(self, command: StoreCommand, context_id: int, transfer_syntax: str,
-                 incoming: Path) -> None:
+                 incoming: Path, refused: Rejected | None = None) -> None:
         self.command = command
         self.context_id = context_id
         self.transfer_syntax = transfer_syntax
         self.failure: Dataset | None = None
         self.file: ReceivedFile | None = None
+        if refused is not None:  # read to its end, written nowhere
+            self.failure = status_dataset(refused.status, refused.reason)
+            return
+        assert command.sop_instance_uid is not None
         try:
             self.file = ReceivedFile(incoming)
             self.file.write(encode_file_meta(
@@ -331,10 +344,18 @@ class FastStoreReceiver:
         context = assoc._accepted_cx.get(context_id)
         if context is None or context.abstract_syntax not in self._sop_classes:
             return None
-        if command.sop_class_uid != context.abstract_syntax or not context.transfer_syntax:
-            return None  # pynetdicom's service class decides what to answer
+        if not context.transfer_syntax:
+            return None
+        refused = check_store_command(str(context.abstract_syntax), command.sop_class_uid,
+                                      command.sop_instance_uid)
+        if refused is not None:
+            logger.warning(
+                "C-STORE from %s refused with 0x%04X: %s (SOP Instance UID %s)",
+                str(assoc.requestor.ae_title or "").strip(), int(refused.status),
+                refused.reason, _uid_for_log(command.sop_instance_uid),
+            )
         self._incoming = _Incoming(command, context_id, str(context.transfer_syntax[0]),
-                                   self._incoming_dir)
+                                   self._incoming_dir, refused)
         return int(4 + length)
 
     def _finish(self, incoming: _Incoming, send: Callable[[bytes], None]) -> None:
@@ -343,6 +364,8 @@ class FastStoreReceiver:
         try:
             if incoming.failure is not None:
                 status = incoming.failure
+            elif command.sop_instance_uid is None:  # refused in _begin: never here
+                status = Status.CANNOT_PARSE
             else:
                 status = self._store(self._assoc, incoming.path, incoming.transfer_syntax,
                                      command.sop_class_uid, command.sop_instance_uid)
@@ -389,7 +412,8 @@ def _encode_response(command: StoreCommand, context_id: int, status: int | Datas
     ]
     if comment:
         elements.append((0x0902, "LO", comment))
-    elements.append((0x1000, "UI", command.sop_instance_uid))
+    if _echoed(command.sop_instance_uid):
+        elements.append((0x1000, "UI", command.sop_instance_uid))
     encoded = command_set(elements)  # None: text that is not ASCII
     if encoded is None:
         return None
@@ -400,12 +424,19 @@ def _encode_response(command: StoreCommand, context_id: int, status: int | Datas
             + _PDV.pack(pdv_length, context_id, 0x03) + encoded)
 
 
+def _echoed(sop_instance_uid: str | None) -> bool:
+    """Whether the response repeats the Affected SOP Instance UID (optional in a C-STORE-RSP,
+    PS3.7 table 9.1-1): only a valid one, so the response itself is always valid."""
+    return sop_instance_uid is not None and is_valid_uid(sop_instance_uid)
+
+
 def _pynetdicom_response_pdus(assoc: Association, command: StoreCommand, context_id: int,
                               status: int | Dataset) -> list[bytes]:
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = command.message_id
     rsp.AffectedSOPClassUID = command.sop_class_uid
-    rsp.AffectedSOPInstanceUID = command.sop_instance_uid
+    if _echoed(command.sop_instance_uid):
+        rsp.AffectedSOPInstanceUID = command.sop_instance_uid
     rsp = StorageServiceClass(assoc).validate_status(status, rsp)
     message = C_STORE_RSP()
     message.primitive_to_message(rsp)

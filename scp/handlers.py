@@ -29,6 +29,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from db.models import utcnow
 from db.session import session_scope
 from scp import completion, mpps, registry
+from scp.command_check import check_context, check_store_command
+from scp.receive import MISSING_UID, discard_unclaimed
 from scp.status import Rejected, Status, status_dataset
 from scp.store import AssociationLease, InstanceStore, Outcome
 from scp.uids import is_valid_uid
@@ -99,17 +101,38 @@ def _uid_for_log(value: object) -> str:
     return text if is_valid_uid(text) else "(invalid UID)"
 
 
-def handle_echo(event: Event) -> int:
-    """C-ECHO: the association was accepted, so the peer may verify it."""
+def handle_echo(event: Event) -> int | Dataset:
+    """C-ECHO: the association was accepted, so the peer may verify it (on a Verification
+    context: pynetdicom would answer one sent on a storage context too)."""
+    request: Any = event.request
+    refused = check_context(str(event.context.abstract_syntax),
+                            str(request.AffectedSOPClassUID or ""))
+    if refused is not None:
+        logger.warning("C-ECHO from %s refused with 0x%04X: %s", _calling_ae(event.assoc),
+                       int(refused.status), refused.reason)
+        return status_dataset(refused.status, refused.reason)
     return int(Status.SUCCESS)
 
 
 def handle_store(event: Event, ctx: ListenerContext) -> int | Dataset:
     """C-STORE as pynetdicom delivers it (the fast path calls :func:`store_received`)."""
     request: Any = event.request
+    sop_class_uid = str(request.AffectedSOPClassUID or "")
+    raw_instance = request.AffectedSOPInstanceUID
+    sop_instance_uid = None if raw_instance in (None, MISSING_UID) else str(raw_instance)
+    refused = check_store_command(str(event.context.abstract_syntax), sop_class_uid,
+                                  sop_instance_uid)
+    if refused is not None or sop_instance_uid is None:
+        refused = refused or Rejected(Status.MISSING_UID, "Affected SOP Instance UID is missing")
+        logger.warning(
+            "C-STORE from %s refused with 0x%04X: %s (SOP Instance UID %s)",
+            _calling_ae(event.assoc), int(refused.status), refused.reason,
+            _uid_for_log(sop_instance_uid),
+        )
+        return status_dataset(refused.status, refused.reason)
     return store_received(
         ctx, event.assoc, event.dataset_path, str(event.context.transfer_syntax),
-        str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
+        sop_class_uid, sop_instance_uid,
     )
 
 
@@ -239,7 +262,9 @@ def handle_release_request(event: Event, ctx: ListenerContext) -> None:
 
 
 def handle_closed(event: Event, ctx: ListenerContext) -> None:
-    """The connection is gone (release, abort or time-out): release the association's leases."""
+    """The connection is gone (release, abort or time-out): delete what it left half received,
+    release the association's leases."""
+    discard_unclaimed(event.assoc.dul)
     lease = ctx.associations.end(event.assoc)
     if lease is None:
         return

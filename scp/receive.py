@@ -17,6 +17,17 @@ The fast path (:mod:`scp.fastpath`) writes through the same class
 (:class:`ReceivedFile`).
 Each chunk is also hashed as it is written (:func:`take_digest`), so the
 handler does not read the whole file back to compute its SHA-256.
+
+A file the store never took (the association ended mid-data-set, or the
+command was not decodable) is deleted when its association's connection
+closes (:func:`discard_unclaimed`), not left for the periodic sweep.
+
+While streaming is on, pynetdicom's decoder is made to tolerate what our
+handlers refuse with a status (:mod:`scp.command_check`): a C-STORE command
+without Affected SOP Instance UID would otherwise raise in pynetdicom's
+receiving thread (or, empty, be ignored without a response) and one longer
+than 64 characters would fail its validation; either ended the association.
+Such a command reaches the handler, which answers 0xC220 or 0xC221.
 """
 
 from __future__ import annotations
@@ -34,20 +45,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from pydicom.dataset import FileMetaDataset
 from pynetdicom import _config, dimse_messages
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MISSING_UID",
     "TEMP_PREFIX",
     "Digest",
     "ReceivedFile",
+    "discard_unclaimed",
     "stop_streaming",
     "stream_received_data_sets_to",
     "take_digest",
 ]
 
 TEMP_PREFIX = "rx-"
+#: What a received C-STORE command without (or with an empty) Affected SOP Instance UID
+#: carries instead, so that pynetdicom delivers it to the handler (it ignores such a
+#: request without answering); never a UID (letters), refused by the handler as missing.
+MISSING_UID = "missing"
 _SYNC_FILE_RANGE_WRITE = 2
 #: Start write-back each time this much more has been written to a received file.
 WRITEBACK_BYTES = 8 * 1024 * 1024
@@ -106,6 +124,8 @@ class _WritebackFile:
         self._file = file
         self._fd = file.fileno()
         self.fd = self._fd
+        self.name = name
+        self.owner = threading.get_ident()  # the association's receiving (DUL) thread
         self.hash = hashlib.sha256()
         self.size = 0
         self._unsynced = 0
@@ -175,6 +195,32 @@ class ReceivedFile:
                 pass
 
 
+def discard_unclaimed(owner: threading.Thread) -> int:
+    """Delete the files ``owner`` (a DUL thread) received that no store took; how many.
+
+    Called when the association's connection closed: a data set still being
+    written then will never complete. One the store took (:func:`take_digest`)
+    is the store's and pynetdicom's to remove.
+    """
+    with _digests_lock:
+        mine = [(name, writer) for name, writer in _digests.items()
+                if writer.owner == owner.ident]
+        for name, _ in mine:
+            del _digests[name]
+    for name, writer in mine:
+        try:
+            writer.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+    if mine:
+        logger.info("removed %d unfinished received file(s) of a closed association", len(mine))
+    return len(mine)
+
+
 def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)  # as tempfile creates its files
 
@@ -188,9 +234,43 @@ def _temporary_file_in(incoming: Path) -> Any:
     return factory
 
 
+def _tolerant_uid(value: Any) -> tuple[bool, str]:
+    """pynetdicom's UI validator without its 64-character limit (the handlers check UIDs)."""
+    if not isinstance(value, str):
+        return False, "must be pydicom.uid.UID"
+    return (True, "") if value else (False, "must not be an empty str")
+
+
+def _tolerant_decode(original: Any) -> Any:
+    """pynetdicom's command set decoder, marking a C-STORE's absent instance UID."""
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        command_set = original(*args, **kwargs)
+        if command_set is not None and command_set.get("CommandField") == 0x0001:
+            uid = command_set.get("AffectedSOPInstanceUID")
+            if not str(uid or "").strip("\x00 "):
+                command_set.AffectedSOPInstanceUID = MISSING_UID
+        return command_set
+
+    return decode
+
+
+def _tolerant_file_meta_writer(original: Any) -> Any:
+    def write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+        try:
+            original(fp, file_meta, enforce_standard=enforce_standard)
+        except (AttributeError, ValueError, UnicodeError):
+            # the command's UIDs are missing or not encodable: the handler refuses it before
+            # reading the file, which only needs to stay a file
+            placeholder = FileMetaDataset()
+            placeholder.TransferSyntaxUID = file_meta.get("TransferSyntaxUID")
+            original(fp, placeholder, enforce_standard=False)
+
+    return write_file_meta_info
+
+
 _lock = threading.Lock()
 _users = 0
-_saved: tuple[bool, Any] | None = None
+_saved: tuple[bool, Any, Any, Any, Any] | None = None
 
 
 def stream_received_data_sets_to(incoming: Path) -> None:
@@ -205,7 +285,14 @@ def stream_received_data_sets_to(incoming: Path) -> None:
         raise RuntimeError("this pynetdicom does not stream data sets to temporary files")
     with _lock:
         if _users == 0:
-            _saved = (_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile)
+            writer = getattr(dimse_messages, "write_file_meta_info")  # noqa: B009
+            decoder = getattr(dimse_messages, "decode")  # noqa: B009
+            _saved = (_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile,
+                      writer, _config.VALIDATORS["UI"], decoder)
+            setattr(dimse_messages, "write_file_meta_info",  # noqa: B010
+                    _tolerant_file_meta_writer(writer))
+            setattr(dimse_messages, "decode", _tolerant_decode(decoder))  # noqa: B010
+            _config.VALIDATORS["UI"] = _tolerant_uid
         _users += 1
         _config.STORE_RECV_CHUNKED_DATASET = True
         setattr(dimse_messages, "NamedTemporaryFile", _temporary_file_in(incoming))  # noqa: B010
@@ -221,4 +308,7 @@ def stop_streaming() -> None:
         if _users == 0 and _saved is not None:
             _config.STORE_RECV_CHUNKED_DATASET = _saved[0]
             setattr(dimse_messages, "NamedTemporaryFile", _saved[1])  # noqa: B010
+            setattr(dimse_messages, "write_file_meta_info", _saved[2])  # noqa: B010
+            _config.VALIDATORS["UI"] = _saved[3]
+            setattr(dimse_messages, "decode", _saved[4])  # noqa: B010
             _saved = None

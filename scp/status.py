@@ -36,6 +36,7 @@ class Status(IntEnum):
     NO_SUCH_SOP_INSTANCE = 0x0112  # N-SET of an MPPS that was never created
     INVALID_ATTRIBUTE_VALUE = 0x0106  # MPPS status value not allowed here
     MISSING_ATTRIBUTE = 0x0120  # MPPS N-CREATE without Performed Procedure Step Status
+    SOP_CLASS_NOT_SUPPORTED = 0x0122  # the command's SOP class is not its context's
 
 
 class Rejected(Exception):

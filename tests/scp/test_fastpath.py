@@ -96,10 +96,15 @@ def test_parse_store_command_leaves_everything_else_to_pynetdicom() -> None:
     echo_bytes = bytes(encode(echo_message.command_set, True, True) or b"")
     full = _store_command_set()
     unknown = full + struct.pack("<HHL", 0x0000, 0x5010, 2) + b"AB"  # not a C-STORE-RQ element
-    not_ascii = full.replace(UID_ODD.encode(), b"1.2.\xe9" + UID_ODD.encode()[5:])
-    for raw in (echo_bytes, _store_command_set(with_data=False), full[:-3], unknown, not_ascii,
+    for raw in (echo_bytes, _store_command_set(with_data=False), full[:-3], unknown,
                 struct.pack("<HHL", 0x0008, 0x0016, 0)):
         assert parse_store_command(memoryview(raw)) is None
+
+
+def test_parse_store_command_keeps_an_invalid_instance_uid_for_its_refusal() -> None:
+    not_ascii = _store_command_set().replace(UID_ODD.encode(), b"1.2.\xe9" + UID_ODD.encode()[5:])
+    command = parse_store_command(memoryview(not_ascii))
+    assert command is not None and command.sop_instance_uid == "1.2.\xe9" + UID_ODD[5:]
 
 
 def test_file_meta_is_the_bytes_pynetdicom_writes() -> None:
