@@ -53,12 +53,12 @@ class Analysis(Base):
     fraction_normal: Mapped[float | None] = mapped_column(Float)
     decision: Mapped[str | None] = mapped_column(String(32), index=True)
     threshold: Mapped[float | None] = mapped_column(Float)
-    # the site's adopted operating point the threshold came from (migration 0008); NULL:
-    # the configured threshold (CTDX_COVID_THRESHOLD or the paper's 5%)
-    operating_point_id: Mapped[int | None] = mapped_column(ForeignKey("operating_points.id"))
     manifestation_counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # seconds per stage
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # report objects that failed the checks before the export outbox and were not sent
+    # (migration 0006): one line per object, "<kind> <SOP Instance UID>: <problems>"
+    report_problems: Mapped[str | None] = mapped_column(Text)
 
     slices: Mapped[list[SliceResult]] = relationship(back_populates="analysis")
 
