@@ -195,11 +195,13 @@ def enqueue(engine: Engine, settings: Settings, event: str, dedup_key: str,
     return ids
 
 
-def emit(engine: Engine, settings: Settings, kind: str, subject_id: int) -> list[int]:
+def emit(engine: Engine, settings: Settings, kind: str, subject_id: int,
+         occurrence: int | None = None) -> list[int]:
     """Queue the alert for ``kind`` (``analysis`` or ``export``) of ``subject_id``; never raises.
 
     Call sites: after an analysis is stored or failed (``analysis``), after an
-    export is dead-lettered (``export``).
+    export is dead-lettered (``export``, ``occurrence`` = its attempts, so an
+    export retried by an operator that dies again alerts again).
     """
     if not settings.alert_webhook_urls:
         return []
@@ -210,7 +212,8 @@ def emit(engine: Engine, settings: Settings, kind: str, subject_id: int) -> list
         if found is None:
             return []
         event, body = found
-        return enqueue(engine, settings, event, f"{event}:{kind}:{subject_id}", body)
+        key = f"{event}:{kind}:{subject_id}" + (f":{occurrence}" if occurrence else "")
+        return enqueue(engine, settings, event, key, body)
     except Exception:  # an alert must never break the analysis or delivery that raised it
         logger.exception("could not queue the alert for %s %d", kind, subject_id)
         return []

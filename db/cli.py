@@ -86,11 +86,13 @@ def _register_subcommands() -> None:
     from db import cli_results
     from model_train import cli as train_cli
     from scp import cli as scp_cli
+    from scp import cli_spool
     from worker import cli as worker_cli
     from worker import demo
 
     demo.register(app)
     scp_cli.register(app)
+    cli_spool.register(app)
     worker_cli.register(app)
     cli_results.register(app)
     train_cli.register(app)

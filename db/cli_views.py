@@ -215,7 +215,6 @@ def _analysis_json(a: AnalysisInfo) -> dict[str, Any]:
         "manifestation_counts": a.manifestation_counts,
         "timings": a.timings,
         "failure_reason": a.failure_reason,
-        "report_problems": a.report_problems.splitlines() if a.report_problems else [],
         "key_slices": [
             {
                 "slice_index": k.slice_index,
@@ -252,6 +251,8 @@ def _version_json(v: VersionInfo) -> dict[str, Any]:
             "next_attempt_at": v.outbox.next_attempt_at,
         },
         "analyses": [_analysis_json(a) for a in v.analyses],
+        "pruned_at": v.pruned_at,
+        "prune_reason": v.prune_reason,
     }
 
 
@@ -369,8 +370,6 @@ def _analysis_view(console: Console, a: AnalysisInfo) -> list[RenderableType]:
         rows.append(("Manifestations", _pairs(a.manifestation_counts)))
     if a.timings:
         rows.append(("Timings", _pairs(a.timings, lambda v: seconds(float(v)))))
-    for line in (a.report_problems or "").splitlines():
-        rows.append(("Report NOT SENT", Text(line, style="bold red")))
     for e in a.exports:
         rows.append(("Report", _export_line(e)))
         rows.append(("SR UID" if e.kind == "sr" else f"{e.kind.upper()} UID", e.sop_instance_uid))
@@ -399,6 +398,10 @@ def _version_view(console: Console, v: VersionInfo, latest: bool) -> list[Render
             else f"waiting, next attempt {local_time(o.next_attempt_at, seconds=True)}"
         )
         rows.append(("Queue", queued + (f"; last error: {o.last_error}" if o.last_error else "")))
+    if v.pruned_at is not None:
+        rows.append(("Images", Text(f"pruned from the spool {local_time(v.pruned_at, seconds=True)}"
+                                    f" ({v.prune_reason}); results and reports kept",
+                                    style="yellow")))
     out: list[RenderableType] = [Text(""), Text(title, style="bold underline"), _kv(rows)]
     for a in v.analyses:
         out.extend(_analysis_view(console, a))

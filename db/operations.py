@@ -32,6 +32,7 @@ from db.models import (
     ExportState,
     OutboxEntry,
     SliceResult,
+    SpoolPrune,
     Study,
     StudyVersion,
     VersionState,
@@ -68,6 +69,10 @@ class StudyStillArriving(ActionRefused):
 
 class StudyInFlight(ActionRefused):
     pass
+
+
+class StudyPruned(ActionRefused):
+    """The study's source images were deleted from the spool (scp/retention.py)."""
 
 
 class ExportAlreadyDelivered(ActionRefused):
@@ -167,6 +172,19 @@ def requeue_study(
         raise StudyStillArriving(
             f"study {study_instance_uid} is still arriving (version "
             f"{version.version if version else 1}); it is queued by itself once complete"
+        )
+    pruned = session.execute(
+        select(SpoolPrune.pruned_at, SpoolPrune.claimed_at, SpoolPrune.reason)
+        .join(StudyVersion, StudyVersion.id == SpoolPrune.study_version_id)
+        .where(StudyVersion.study_id == study.id)
+        .order_by(SpoolPrune.id)
+        .limit(1)
+    ).first()
+    if pruned is not None:
+        when = (pruned.pruned_at or pruned.claimed_at).isoformat(timespec="seconds")
+        raise StudyPruned(
+            f"study {study_instance_uid}: its images were deleted from the spool on {when} "
+            f"({pruned.reason}); there is nothing left to analyse"
         )
     if version.state in _IN_FLIGHT and not force:
         where = {

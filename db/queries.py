@@ -33,9 +33,11 @@ from db.models import (
     OutboxEntry,
     Series,
     SliceResult,
+    SpoolPrune,
     Study,
     StudyVersion,
 )
+from db.selftest_studies import not_test_version
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +172,6 @@ class AnalysisInfo:
     manifestation_counts: dict[str, Any] | None  # a copy; read-only by convention
     timings: dict[str, Any] | None  # seconds per stage
     failure_reason: str | None
-    report_problems: str | None  # report objects not sent: failed the checks (issue 13)
     key_slices: tuple[KeySlice, ...]
     exports: tuple[ExportInfo, ...]
 
@@ -187,6 +188,8 @@ class VersionInfo:
     instance_count: int
     outbox: OutboxInfo | None
     analyses: tuple[AnalysisInfo, ...]  # oldest first
+    pruned_at: datetime | None = None  # source instances deleted from the spool (retention)
+    prune_reason: str | None = None  # "retention" | "emergency"
 
 
 @dataclass(frozen=True)
@@ -490,7 +493,6 @@ def _analysis_info(session: Session, analysis: Analysis, key_slices: int) -> Ana
         else None,
         timings=dict(analysis.timings) if analysis.timings is not None else None,
         failure_reason=analysis.failure_reason,
-        report_problems=analysis.report_problems,
         key_slices=_key_slices(session, analysis.id, key_slices),
         exports=tuple(ExportInfo(**_export_fields(e)) for e in exports),
     )
@@ -560,6 +562,14 @@ def get_study(
         )
     )
 
+    pruned = {
+        row.study_version_id: row
+        for row in session.execute(
+            select(SpoolPrune.study_version_id, SpoolPrune.pruned_at, SpoolPrune.reason)
+            .join(StudyVersion, StudyVersion.id == SpoolPrune.study_version_id)
+            .where(StudyVersion.study_id == study.id, SpoolPrune.pruned_at.is_not(None))
+        )
+    }
     versions = []
     for version in session.scalars(
         select(StudyVersion).where(StudyVersion.study_id == study.id).order_by(StudyVersion.version)
@@ -590,6 +600,8 @@ def get_study(
                 if outbox is not None
                 else None,
                 analyses=tuple(_analysis_info(session, a, key_slices) for a in analyses),
+                pruned_at=pruned[version.id].pruned_at if version.id in pruned else None,
+                prune_reason=pruned[version.id].reason if version.id in pruned else None,
             )
         )
 
@@ -645,7 +657,7 @@ def study_stats(
     and failures come from each version's newest analysis. Turnaround is one
     value per delivered SR export: ``delivered_at - study_versions.completed_at``.
     """
-    in_period = _period(StudyVersion.first_received_at, since, until)
+    in_period = [*_period(StudyVersion.first_received_at, since, until), not_test_version()]
     by_status = dict(
         session.execute(
             select(StudyVersion.state, func.count(StudyVersion.id))

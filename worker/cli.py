@@ -18,6 +18,7 @@ import typer
 from db.cli_common import EXIT_USAGE, UserError, open_database
 from db.session import make_engine
 from db.settings import Settings, load_settings
+from worker import housekeeping
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def worker_command(
     settings = load_settings()
     check_ready(settings)
     stop = start_export_delivery(settings) if export_delivery else None
+    housekeeping.start(settings)  # spool pruning and alert delivery (daemon threads)
 
     from worker.celery_app import app as celery_app
 

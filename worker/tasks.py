@@ -26,6 +26,7 @@ from typing import Any
 
 from celery import Task
 
+from db import alerts
 from db.settings import Settings
 from worker.celery_app import TASK_PROCESS_STUDY, app
 from worker.errors import TRANSIENT_ERRORS, WorkerNotReady
@@ -74,6 +75,10 @@ def process_study(self: Task, study_version_id: int) -> dict[str, Any]:
     result = service.process_study_version(
         runtime.engine(settings), settings, models, study_version_id
     )
+    if result.analysis_id is not None and result.outcome in (
+        service.Outcome.ANALYSED, service.Outcome.FAILED
+    ):  # a study called COVID-19, or failed: queued for the webhooks (db.alerts)
+        alerts.emit(runtime.engine(settings), settings, "analysis", result.analysis_id)
     if result.outcome is service.Outcome.BUSY and not self.request.is_eager:
         if self.request.retries < MAX_RETRIES + busy_rechecks(settings):
             raise self.retry(

@@ -27,7 +27,8 @@ from pynetdicom import AE, _config
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import utcnow
+from db import alerts
+from db.models import ExportState, utcnow
 from db.settings import Settings
 from worker.report import outbox
 from worker.report.errors import DeliveryError
@@ -140,7 +141,9 @@ def deliver(engine: Engine, settings: Settings, claimed: ClaimedExport, now: dat
     except (DeliveryError, ValueError) as exc:
         status_code = exc.status if isinstance(exc, DeliveryError) else None
         finished = now + timedelta(seconds=time.monotonic() - started)
-        outbox.record_failure(engine, settings, claimed, str(exc), status_code, finished)
+        state = outbox.record_failure(engine, settings, claimed, str(exc), status_code, finished)
+        if state is ExportState.DEAD:
+            alerts.emit(engine, settings, "export", claimed.id, occurrence=claimed.attempts)
         return False
     outbox.record_delivered(
         engine, claimed, status, now + timedelta(seconds=time.monotonic() - started)
