@@ -29,8 +29,10 @@ from db.cli_common import (
 )
 from db.cli_dates import BadDate, parse_period
 from db.cli_output import ListFormat, make_console, write_csv, write_json
+from db.cli_validate import ByOption, stats_by_period
 from db.models import ExportState, VersionState
 from db.session import session_scope
+from db.validation_db import PeriodUnit
 from model_train.method.classes import RECOGNITION_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -293,11 +295,14 @@ def results_show(
 def results_stats(
     since: str | None = SinceOption,
     until: str | None = UntilOption,
+    by: PeriodUnit | None = ByOption,
     output: ListFormat = ListFormatOption,
     database_url: str | None = DatabaseUrlOption,
 ) -> None:
     """`ctdx results stats`: a period summarised."""
     start, end = _period(since, until)
+    if by is not None:  # drift per week or month (db.cli_validate)
+        return stats_by_period(by, start, end, output, database_url)
     with open_database(database_url) as engine, session_scope(engine) as session:
         stats = queries.study_stats(session, since=start, until=end)
     if output is ListFormat.JSON:

@@ -21,6 +21,7 @@ from db.models.listener import (
     VersionState,
 )
 from db.models.operations import ServiceHeartbeat, ServiceKind
+from db.models.operating_points import OperatingPoint
 from db.models.results import Analysis, AnalysisState, SliceResult
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "Export",
     "ExportState",
     "Instance",
+    "OperatingPoint",
     "OutboxEntry",
     "PerformedProcedureStep",
     "PruneState",

@@ -53,6 +53,9 @@ class Analysis(Base):
     fraction_normal: Mapped[float | None] = mapped_column(Float)
     decision: Mapped[str | None] = mapped_column(String(32), index=True)
     threshold: Mapped[float | None] = mapped_column(Float)
+    # operating_points.id of the site's adopted operating point the threshold came from
+    # (migration 0008; no foreign key, see there); NULL: the configured threshold
+    operating_point_id: Mapped[int | None] = mapped_column(Integer)
     manifestation_counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # seconds per stage
     failure_reason: Mapped[str | None] = mapped_column(Text)

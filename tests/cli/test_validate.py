@@ -1,0 +1,383 @@
+"""`ctdx validate run|adopt` and `ctdx results stats --by`, on SQLite and PostgreSQL.
+
+Results rows come from :mod:`tests.cli.factories` (as the worker writes them);
+every number is recomputed here with scikit-learn / scipy from the same
+arrays. The worker's use of an adopted threshold is tested with real
+analyses in ``test_adopted_threshold_reaches_the_worker_and_the_sr``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sqlalchemy import select
+
+from db.models import AnalysisState, AuditEntry, OperatingPoint, VersionState
+from db.session import make_engine, session_scope
+from tests.cli.conftest import ctdx, flat
+from tests.cli.factories import add_analysis, add_study, add_version, uid
+
+CLASSES = ["covid19", "other_pneumonia", "normal"]
+OTHER_MODEL = uid("model/other")
+
+
+@dataclass
+class Built:
+    truth_rows: list[dict[str, str]] = field(default_factory=list)
+    cases: list[tuple[str, str, float]] = field(default_factory=list)  # truth, call, share
+    expected_excluded: dict[str, str] = field(default_factory=dict)  # key -> reason
+
+
+def _call(share: float, other: float) -> str:
+    if share > 0.05:
+        return "covid19"
+    return "other_pneumonia" if other > 0.05 else "normal"
+
+
+def build(url: str, n: int = 60, seed: int = 3, when: datetime | None = None) -> Built:
+    """``n`` analysed studies with known classes, plus one of each excluded kind."""
+    rng = np.random.default_rng(seed)
+    when = when or datetime.now(UTC) - timedelta(days=2)
+    out = Built()
+    engine = make_engine(url)
+    try:
+        with session_scope(engine) as s:
+            for i in range(n):
+                truth = CLASSES[i % 3]
+                share = float(np.clip(rng.normal(0.3 if truth == "covid19" else 0.04, 0.08),
+                                      0, 1))
+                share = round(share * 40) / 40  # k of 40 slices
+                other = 0.3 if truth == "other_pneumonia" and rng.random() < 0.7 else 0.0
+                call = _call(share, other)
+                study = add_study(s, f"val-{seed}-{i}", accession_number=f"VAL{seed}-{i}",
+                                  created_at=when)
+                version = add_version(s, study, state=VersionState.ANALYSED,
+                                      calling_ae_title="CT01", received_at=when)
+                add_analysis(s, version, decision=call,
+                             fractions=(share, other, 1.0 - share - other), p_covid=[0.9])
+                key = study.study_instance_uid if i % 2 else str(study.accession_number)
+                out.truth_rows.append({"accession_number" if i % 2 == 0 else
+                                       "study_instance_uid": key, "truth": truth})
+                out.cases.append((truth, call, share))
+            # failed with the model
+            study = add_study(s, f"val-{seed}-failed", accession_number=f"VAL{seed}-F",
+                              created_at=when)
+            version = add_version(s, study, state=VersionState.FAILED, calling_ae_title="CT01",
+                                  received_at=when)
+            add_analysis(s, version, state=AnalysisState.FAILED,
+                         failure_reason="no usable CT series")
+            out.truth_rows.append({"accession_number": f"VAL{seed}-F", "truth": "covid19"})
+            out.expected_excluded[f"VAL{seed}-F"] = "failed"
+            # analysed by another model only (an older one: the newest analysis names the
+            # model in use)
+            study = add_study(s, f"val-{seed}-other", accession_number=f"VAL{seed}-O",
+                              created_at=when - timedelta(days=30))
+            version = add_version(s, study, state=VersionState.ANALYSED,
+                                  calling_ae_title="CT01", received_at=when - timedelta(days=30))
+            add_analysis(s, version, decision="normal", fractions=(0.0, 0.0, 1.0),
+                         p_covid=[0.1], model_uid=OTHER_MODEL)
+            out.truth_rows.append({"accession_number": f"VAL{seed}-O", "truth": "normal"})
+            out.expected_excluded[f"VAL{seed}-O"] = "other_model"
+            # still queued
+            study = add_study(s, f"val-{seed}-queued", accession_number=f"VAL{seed}-Q",
+                              created_at=when)
+            add_version(s, study, state=VersionState.QUEUED, calling_ae_title="CT01",
+                        received_at=when)
+            out.truth_rows.append({"accession_number": f"VAL{seed}-Q", "truth": "normal"})
+            out.expected_excluded[f"VAL{seed}-Q"] = "pending"
+            # two studies share an accession number
+            for k in range(2):
+                study = add_study(s, f"val-{seed}-twin-{k}", accession_number=f"VAL{seed}-TWIN",
+                                  created_at=when)
+            out.truth_rows.append({"accession_number": f"VAL{seed}-TWIN", "truth": "normal"})
+            out.expected_excluded[f"VAL{seed}-TWIN"] = "ambiguous"
+        # never sent to ctdx
+        out.truth_rows.append({"study_instance_uid": "1.2.3.4.5.404", "truth": "covid19"})
+        out.expected_excluded["1.2.3.4.5.404"] = "missing"
+    finally:
+        engine.dispose()
+    return out
+
+
+def write_truth(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(
+            fh, ["StudyInstanceUID", "accession_number", "truth", "reader_comment"])
+        writer.writeheader()
+        for i, row in enumerate(rows):  # classes in any case, as people type them
+            writer.writerow({"StudyInstanceUID": row.get("study_instance_uid", ""),
+                             "accession_number": row.get("accession_number", ""),
+                             "truth": row["truth"].upper() if i % 3 == 0 else row["truth"],
+                             "reader_comment": "ignored, | with a pipe"})
+    return path
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return ci.low, ci.high
+
+
+def _check_prop(p: dict[str, Any], k: int, n: int) -> None:
+    assert (p["k"], p["n"]) == (k, n)
+    assert p["value"] == pytest.approx(k / n)
+    assert (p["low"], p["high"]) == pytest.approx(_wilson(k, n))
+
+
+def run(url: str, tmp_path: Path, built: Built, *extra: str) -> tuple[dict[str, Any], Path]:
+    truth = write_truth(tmp_path / "truth.csv", built.truth_rows)
+    out = tmp_path / "validation"
+    result = ctdx("validate", "run", "--truth", str(truth), "--out", str(out), "-f", "json",
+                  "--database-url", url, *extra)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), out
+
+
+def test_run_reports_every_metric_as_sklearn_and_scipy_compute_it(
+    db_url: str, tmp_path: Path
+) -> None:
+    built = build(db_url)
+    doc, out = run(db_url, tmp_path, built)
+
+    truth = np.array([t == "covid19" for t, _, _ in built.cases])
+    calls = np.array([c == "covid19" for _, c, _ in built.cases])
+    scores = np.array([s for _, _, s in built.cases])
+    assert doc["n_studies"] == len(built.cases)
+    assert (doc["n_positive"], doc["n_negative"]) == (truth.sum(), (~truth).sum())
+    assert doc["model"]["model_uid"] == uid("model/resnet50")
+
+    matrix = confusion_matrix([t for t, _, _ in built.cases], [c for _, c, _ in built.cases],
+                              labels=CLASSES)
+    assert doc["confusion_3x3"] == {"labels": CLASSES, "matrix": matrix.tolist()}
+    tn, fp, fn, tp = confusion_matrix(truth, calls).ravel()
+    rep = doc["as_reported"]
+    assert rep["table_2x2"] == {"tp": tp, "fn": fn, "fp": fp, "tn": tn}
+    _check_prop(rep["sensitivity"], tp, tp + fn)
+    _check_prop(rep["specificity"], tn, tn + fp)
+    _check_prop(rep["accuracy"], tp + tn, len(truth))
+    _check_prop(rep["accuracy_3class"], int(np.trace(matrix)), len(truth))
+
+    assert doc["roc"]["auc"] == pytest.approx(roc_auc_score(truth, scores))
+    assert doc["roc"]["auc_low"] < doc["roc"]["auc"] < doc["roc"]["auc_high"]
+
+    # the threshold for 95% sensitivity: reached, and the least false positives doing so
+    target = doc["at_target_sensitivity"]
+    t = target["threshold"]
+    assert np.mean(scores[truth] > t) >= 0.95
+    fpr, tpr, _ = roc_curve(truth, scores)
+    assert 1 - target["specificity"]["value"] == pytest.approx(fpr[tpr >= 0.95].min())
+    positives_called = int(np.sum(scores[truth] > t))
+    _check_prop(target["sensitivity"], positives_called, int(truth.sum()))
+    paper = doc["at_paper_threshold"]
+    assert paper["threshold"] == 0.05
+    _check_prop(paper["specificity"], int(np.sum(scores[~truth] <= 0.05)), int((~truth).sum()))
+    # the stored calls were made at 5%: "as reported" and "at the paper's 5%" agree
+    assert paper["table_2x2"] == rep["table_2x2"]
+    assert doc["current_threshold"] == 0.05
+
+    reasons = {e["key"]: e["reason"] for e in doc["excluded"]}
+    assert reasons == built.expected_excluded
+    assert doc["n_excluded"] == len(built.expected_excluded)
+    failed = next(e for e in doc["excluded"] if e["reason"] == "failed")
+    assert "no usable CT series" in failed["detail"]
+    other = next(e for e in doc["excluded"] if e["reason"] == "other_model")
+    assert OTHER_MODEL in other["detail"]
+
+    # the files: the same document, tables that add up, a PNG, a report naming the left-outs
+    assert json.loads((out / "validation.json").read_text()) == doc
+    assert set(doc["files"]) == {p.name for p in out.iterdir()}
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (out / "confusion_3x3.csv").open() as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["truth", *CLASSES]
+    assert [[int(v) for v in r[1:]] for r in rows[1:]] == matrix.tolist()
+    with (out / "excluded.csv").open() as fh:
+        assert {r["key"]: r["reason"] for r in csv.DictReader(fh)} == built.expected_excluded
+    report = (out / "report.md").read_text()
+    for key in built.expected_excluded:
+        assert key in report
+    assert "roc.png" in report and "Wilson" in report
+
+
+def test_table_output_names_the_numbers(db_url: str, tmp_path: Path) -> None:
+    built = build(db_url, n=30)
+    truth = write_truth(tmp_path / "truth.csv", built.truth_rows)
+    result = ctdx("validate", "run", "--truth", str(truth), "--out", str(tmp_path / "v"),
+                  "--database-url", db_url, columns=120)
+    assert result.exit_code == 0, result.output
+    assert "30 studies" in result.output and "5 left out" in result.output
+    assert "AUC" in result.output and "report.md" in result.output
+
+
+def test_model_option_and_no_usable_study(sqlite_url: str, tmp_path: Path) -> None:
+    built = build(sqlite_url, n=9)
+    doc, _ = run(sqlite_url, tmp_path, built, "--model", OTHER_MODEL)
+    # only the study analysed by the other model is used; the rest are "other_model"
+    assert doc["n_studies"] == 1 and doc["model"]["model_uid"] == OTHER_MODEL
+    assert doc["roc"]["auc"] is None  # one class only
+    truth = write_truth(tmp_path / "t2.csv", [{"study_instance_uid": "9.9.9", "truth": "normal"}])
+    result = ctdx("validate", "run", "--truth", str(truth), "--out", str(tmp_path / "o"),
+                  "--database-url", sqlite_url)
+    assert result.exit_code == 5 and "none of the 1 studies" in flat(result.output)
+    result = ctdx("validate", "run", "--truth", str(truth), "--out", str(tmp_path / "o"),
+                  "--model", "no-such-model", "--database-url", sqlite_url)
+    assert result.exit_code == 5 and "no-such-model" in flat(result.output)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("study_instance_uid,truth\n1.2.3,covid\n1.2.4,pneumonia\n", "line 3"),
+    ("uid,truth\n1.2.3,normal\n", "no study_instance_uid or accession_number column"),
+    ("accession_number,finding\nA1,normal\n", "no truth"),
+    ("accession_number,truth\n", "has no studies"),
+    ("accession_number,truth\n,normal\n", "line 2"),
+])
+def test_bad_truth_file_is_a_clear_error(sqlite_url: str, tmp_path: Path, content: str,
+                                         message: str) -> None:
+    path = tmp_path / "truth.csv"
+    path.write_text(content)
+    result = ctdx("validate", "run", "--truth", str(path), "--out", str(tmp_path / "o"),
+                  "--database-url", sqlite_url)
+    assert result.exit_code == 2, result.output
+    assert message in flat(result.output) and "Traceback" not in result.output
+
+
+def test_adopt_records_the_operating_point_with_an_audit_row(db_url: str, tmp_path: Path
+                                                             ) -> None:
+    built = build(db_url)
+    doc, out = run(db_url, tmp_path, built)
+    result = ctdx("validate", "adopt", str(out), "--database-url", db_url, columns=200)
+    assert result.exit_code == 0, result.output
+    target = doc["at_target_sensitivity"]
+    assert f"more than {100 * target['threshold']:.1f}%" in result.output
+    result = ctdx("validate", "adopt", str(out), "--choice", "paper", "--database-url", db_url,
+                  columns=200)
+    assert result.exit_code == 0 and "(was " in result.output
+    engine = make_engine(db_url)
+    try:
+        with session_scope(engine) as s:
+            first, second = s.scalars(select(OperatingPoint).order_by(OperatingPoint.id)).all()
+            audit = s.scalars(select(AuditEntry).where(AuditEntry.action == "validation.adopt")
+                              .order_by(AuditEntry.id)).all()
+            assert first.threshold == target["threshold"] and first.choice == "target_sensitivity"
+            assert first.sensitivity == target["sensitivity"]["value"]
+            assert (first.specificity_low, first.specificity_high) == (
+                target["specificity"]["low"], target["specificity"]["high"])
+            assert first.n_studies == doc["n_studies"] and first.model_uid == uid(
+                "model/resnet50")
+            assert first.positive_rate == target["positive_rate"]
+            assert first.source_dir == str(out.absolute())
+            assert second.threshold == 0.05 and second.choice == "paper"
+            assert [a.target for a in audit] == [first.model_uid] * 2
+            assert "@" in audit[0].actor
+            assert json.loads(audit[1].detail or "{}")["previous_threshold"] == first.threshold
+    finally:
+        engine.dispose()
+
+
+def test_adopt_refuses_an_unreachable_target_and_a_folder_without_a_run(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    built = build(sqlite_url, n=12)
+    engine = make_engine(sqlite_url)
+    with session_scope(engine) as s:  # a COVID-19 study without a single COVID-19 slice
+        study = add_study(s, "missed", accession_number="MISSED", created_at=datetime.now(UTC))
+        version = add_version(s, study, state=VersionState.ANALYSED, calling_ae_title="CT01",
+                              received_at=datetime.now(UTC) - timedelta(days=3))
+        add_analysis(s, version, decision="normal", fractions=(0.0, 0.0, 1.0), p_covid=[0.1])
+    engine.dispose()
+    built.truth_rows.append({"accession_number": "MISSED", "truth": "covid19"})
+    doc, out = run(sqlite_url, tmp_path, built, "--target-sensitivity", "1.0")
+    assert doc["at_target_sensitivity"]["threshold"] is None
+    assert "not reachable" in (out / "report.md").read_text()
+    result = ctdx("validate", "adopt", str(out), "--database-url", sqlite_url)
+    assert result.exit_code == 5 and "--choice paper" in flat(result.output)
+    result = ctdx("validate", "adopt", str(tmp_path), "--database-url", sqlite_url)
+    assert result.exit_code == 2 and "validation.json" in flat(result.output)
+
+
+# --- drift ------------------------------------------------------------------------------
+
+
+def _weekly(url: str, weeks: list[tuple[int, int]], start: datetime) -> None:
+    """Per week: (studies, called COVID-19), received on the week's Wednesday at noon."""
+    engine = make_engine(url)
+    try:
+        with session_scope(engine) as s:
+            for w, (n, positive) in enumerate(weeks):
+                when = start + timedelta(weeks=w)
+                for i in range(n):
+                    covid = i < positive
+                    study = add_study(s, f"drift-{w}-{i}", accession_number=None,
+                                      created_at=when)
+                    version = add_version(s, study, state=VersionState.ANALYSED,
+                                          calling_ae_title="CT01", received_at=when)
+                    share = 0.4 if covid else 0.01
+                    add_analysis(s, version, decision="covid19" if covid else "normal",
+                                 fractions=(share, 0.0, 1 - share), p_covid=[0.5])
+    finally:
+        engine.dispose()
+
+
+def _wednesday_noon_weeks_ago(weeks: int) -> datetime:
+    today = datetime.now().astimezone()
+    monday = (today - timedelta(days=today.weekday(), weeks=weeks)).replace(
+        hour=12, minute=0, second=0, microsecond=0)
+    return (monday + timedelta(days=2)).astimezone(UTC)
+
+
+def test_drift_flags_a_shifted_week_and_not_a_steady_series(db_url: str, tmp_path: Path
+                                                            ) -> None:
+    built = build(db_url, n=60, when=_wednesday_noon_weeks_ago(30))
+    _, out = run(db_url, tmp_path, built)
+    assert ctdx("validate", "adopt", str(out), "--database-url", db_url).exit_code == 0
+    engine = make_engine(db_url)
+    with session_scope(engine) as s:
+        baseline = s.scalars(select(OperatingPoint)).one().positive_rate
+    engine.dispose()
+    n = 40
+    steady = round(baseline * n)
+    start = _wednesday_noon_weeks_ago(8)
+    _weekly(db_url, [(n, steady)] * 6 + [(n, min(n, steady + 20)), (n, steady)], start)
+
+    result = ctdx("results", "stats", "--by", "week", "--since", start.isoformat(), "-f", "json",
+                  "--database-url", db_url)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["baseline"]["positive_rate"] == baseline
+    periods = doc["periods"]
+    assert [p["studies"] for p in periods] == [n] * 8
+    assert [p["flagged"] for p in periods] == [False] * 6 + [True, False]
+    shifted = periods[6]
+    assert shifted["called_covid19"] == min(n, steady + 20)
+    assert shifted["p_value"] == pytest.approx(
+        binomtest(shifted["called_covid19"], n, baseline).pvalue)
+    assert shifted["mean_fraction_covid19"] == pytest.approx(
+        (0.4 * shifted["called_covid19"] + 0.01 * (n - shifted["called_covid19"])) / n)
+    assert shifted["positive_rate"] == pytest.approx(shifted["called_covid19"] / n)
+
+    table = ctdx("results", "stats", "--by", "week", "--since", start.isoformat(),
+                 "--database-url", db_url, columns=100)
+    assert table.exit_code == 0, table.output
+    assert periods[6]["period"] in table.output and "DRIFT" in table.output
+    months = ctdx("results", "stats", "--by", "month", "-f", "json", "--database-url", db_url)
+    assert months.exit_code == 0
+    assert sum(p["studies"] for p in json.loads(months.stdout)["periods"]) == 8 * n + 61  # + the other model's
+
+
+def test_drift_without_an_adopted_operating_point_flags_nothing(sqlite_url: str) -> None:
+    _weekly(sqlite_url, [(10, 9), (10, 1)], _wednesday_noon_weeks_ago(3))
+    result = ctdx("results", "stats", "--by", "week", "-f", "json", "--database-url", sqlite_url)
+    doc = json.loads(result.stdout)
+    assert doc["baseline"] is None
+    assert [p["flagged"] for p in doc["periods"]] == [False, False]
+    assert [p["p_value"] for p in doc["periods"]] == [None, None]
+    table = ctdx("results", "stats", "--by", "week", "--database-url", sqlite_url, columns=100)
+    assert "no operating point adopted" in table.output
