@@ -215,6 +215,7 @@ def _analysis_json(a: AnalysisInfo) -> dict[str, Any]:
         "manifestation_counts": a.manifestation_counts,
         "timings": a.timings,
         "failure_reason": a.failure_reason,
+        "report_problems": a.report_problems.splitlines() if a.report_problems else [],
         "key_slices": [
             {
                 "slice_index": k.slice_index,
@@ -370,6 +371,8 @@ def _analysis_view(console: Console, a: AnalysisInfo) -> list[RenderableType]:
         rows.append(("Manifestations", _pairs(a.manifestation_counts)))
     if a.timings:
         rows.append(("Timings", _pairs(a.timings, lambda v: seconds(float(v)))))
+    for line in (a.report_problems or "").splitlines():
+        rows.append(("Report NOT SENT", Text(line, style="bold red")))
     for e in a.exports:
         rows.append(("Report", _export_line(e)))
         rows.append(("SR UID" if e.kind == "sr" else f"{e.kind.upper()} UID", e.sop_instance_uid))

@@ -172,6 +172,7 @@ class AnalysisInfo:
     manifestation_counts: dict[str, Any] | None  # a copy; read-only by convention
     timings: dict[str, Any] | None  # seconds per stage
     failure_reason: str | None
+    report_problems: str | None  # report objects not sent: failed the checks (issue 13)
     key_slices: tuple[KeySlice, ...]
     exports: tuple[ExportInfo, ...]
 
@@ -493,6 +494,7 @@ def _analysis_info(session: Session, analysis: Analysis, key_slices: int) -> Ana
         else None,
         timings=dict(analysis.timings) if analysis.timings is not None else None,
         failure_reason=analysis.failure_reason,
+        report_problems=analysis.report_problems,
         key_slices=_key_slices(session, analysis.id, key_slices),
         exports=tuple(ExportInfo(**_export_fields(e)) for e in exports),
     )

@@ -59,6 +59,9 @@ class Analysis(Base):
     manifestation_counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # seconds per stage
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # report objects that failed the checks before the export outbox and were not sent
+    # (migration 0006): one line per object, "<kind> <SOP Instance UID>: <problems>"
+    report_problems: Mapped[str | None] = mapped_column(Text)
 
     slices: Mapped[list[SliceResult]] = relationship(back_populates="analysis")
 

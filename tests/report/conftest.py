@@ -305,7 +305,10 @@ def storescp(tmp_path: Path) -> Iterator[Callable[[], StoreSCP]]:
 
 def dsrdump(path: Path) -> str:
     exe = require_tool("dsrdump")
-    done = subprocess.run([exe, "-Ec", str(path)], capture_output=True, text=True, timeout=60)
+    # +U8: text in the object's Specific Character Set is converted, so that must work too
+    done = subprocess.run(
+        [exe, "-Ec", "+U8", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert "E: " not in done.stderr, done.stderr
     return done.stdout

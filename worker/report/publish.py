@@ -8,6 +8,8 @@ each durably -> record one export per object -> try to deliver at once.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom import Dataset, dcmread
@@ -23,13 +25,15 @@ from worker.report import outbox, storage
 from worker.report.delivery import deliver_due
 from worker.report.errors import SourceImageMissing
 from worker.report.frames import frame_view
+from worker.report.headers import clean_header
 from worker.report.inputs import ReportInput, SliceInfo, load_report_input
 from worker.report.ko import build_key_objects
 from worker.report.outbox import StoredObject
 from worker.report.routing import destination_for
 from worker.report.sr import SrSources, build_sr
 from worker.report.summary import build_summary
-from worker.report.uids import object_uids
+from worker.report.uids import ReportKind, object_uids
+from worker.report.validation import InvalidReportObject, require_valid
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +64,12 @@ def previous_analyses(session: Session, inp: ReportInput) -> list[PreviousAnalys
     return [PreviousAnalysis(row.version, row.model_uid) for row in older]
 
 
-#: Type 2 attributes of the Patient and General Study modules that the report objects copy
-#: from a source image; de-identified images often lack some, and an empty value is valid.
-TYPE2_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-
-
 def read_image(settings: Settings, sl: SliceInfo, pixels: bool = False) -> Dataset:
-    """A source image from the spool, with absent copied Type 2 attributes present and empty."""
+    """A source image from the spool, cleaned so the builders copy only valid values.
+
+    :func:`~worker.report.headers.clean_header`: empty or invalid attributes are
+    left out, the copied Type 2 attributes are present (empty when unknown).
+    """
     path = settings.spool_dir / sl.path
     try:
         dataset = dcmread(path, stop_before_pixels=not pixels)
@@ -84,10 +77,7 @@ def read_image(settings: Settings, sl: SliceInfo, pixels: bool = False) -> Datas
         raise SourceImageMissing(
             f"instance {sl.sop_instance_uid} is not readable in the spool: {exc}"
         ) from exc
-    for keyword in TYPE2_COPIED:
-        if keyword not in dataset:
-            setattr(dataset, keyword, "")
-    return dataset
+    return clean_header(dataset)
 
 
 def predecessor_header(
@@ -105,7 +95,12 @@ def predecessor_header(
 
 
 def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[StoredObject]:
-    """Build and durably write the configured report objects of an analysis."""
+    """Build, check and durably write the configured report objects of an analysis.
+
+    An object that cannot be built or fails :func:`~worker.report.validation.check_object`
+    is not written and not returned (so never sent); ``analyses.report_problems``
+    says which and why. The others go on.
+    """
     with session_scope(engine) as session:
         inp = load_report_input(session, analysis_id)
         previous = previous_analyses(session, inp)
@@ -115,46 +110,94 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
     for sl in key_slices:
         if sl.path not in headers:
             headers[sl.path] = read_image(settings, sl)
-    key_headers = [frame_view(headers[sl.path], sl.frame_number) for sl in key_slices]
+    key_headers = [
+        clean_header(frame_view(headers[sl.path], sl.frame_number)) for sl in key_slices
+    ]
     objects: list[StoredObject] = []
+    problems: list[str] = []
+
+    def checked(kind: ReportKind, build: Callable[[], Dataset]) -> Dataset | None:
+        try:
+            dataset = build()
+            require_valid(dataset, kind)
+        except InvalidReportObject as exc:
+            problems.append(f"{kind} {exc.sop_instance_uid}: {'; '.join(exc.problems)}")
+            return None
+        except SourceImageMissing:
+            raise
+        except BUILD_ERRORS as exc:
+            problems.append(f"{kind}: cannot be built ({_scrubbed(exc)})")
+            return None
+        return dataset
+
     if "sr" in settings.report_outputs:
         predecessor = predecessor_header(settings, inp, previous)
-        sr = build_sr(
+        sr = checked("sr", lambda: build_sr(
             inp, SrSources(source=source, key_images=key_headers, predecessor=predecessor)
-        )
-        objects.append(
-            StoredObject(
-                kind="sr",
-                sop_instance_uid=str(sr.SOPInstanceUID),
-                path=str(storage.save(settings.data_dir, "sr", sr)),
-                replaces_sop_instance_uid=(
-                    str(predecessor.SOPInstanceUID) if predecessor is not None else None
-                ),
-            )
-        )
-    if "sc" in settings.report_outputs:
-        shown = key_slices[0] if key_slices else representative_slice(inp)
-        if shown.frame_number is None:
-            sc = build_summary(inp, read_image(settings, shown, pixels=True), shown)
-        else:  # one frame of a multi-frame instance: decode only that frame
-            sc = build_summary(inp, read_image(settings, shown), shown,
-                               pixels=settings.spool_dir / shown.path)
-        objects.append(
-            StoredObject(
-                "sc", str(sc.SOPInstanceUID), str(storage.save(settings.data_dir, "sc", sc))
-            )
-        )
-    if "ko" in settings.report_outputs:
-        if key_headers:
-            ko = build_key_objects(inp, key_headers)
+        ))
+        if sr is not None:
             objects.append(
                 StoredObject(
-                    "ko", str(ko.SOPInstanceUID), str(storage.save(settings.data_dir, "ko", ko))
+                    kind="sr",
+                    sop_instance_uid=str(sr.SOPInstanceUID),
+                    path=str(storage.save(settings.data_dir, "sr", sr)),
+                    replaces_sop_instance_uid=(
+                        str(predecessor.SOPInstanceUID) if predecessor is not None else None
+                    ),
                 )
             )
+    if "sc" in settings.report_outputs:
+        shown = key_slices[0] if key_slices else representative_slice(inp)
+
+        def summary() -> Dataset:
+            if shown.frame_number is None:
+                return build_summary(inp, read_image(settings, shown, pixels=True), shown)
+            # one frame of a multi-frame instance: decode only that frame
+            return build_summary(inp, read_image(settings, shown), shown,
+                                 pixels=settings.spool_dir / shown.path)
+
+        sc = checked("sc", summary)
+        if sc is not None:
+            objects.append(
+                StoredObject(
+                    "sc", str(sc.SOPInstanceUID), str(storage.save(settings.data_dir, "sc", sc))
+                )
+            )
+    if "ko" in settings.report_outputs:
+        if key_headers:
+            ko = checked("ko", lambda: build_key_objects(inp, key_headers))
+            if ko is not None:
+                objects.append(
+                    StoredObject(
+                        "ko", str(ko.SOPInstanceUID),
+                        str(storage.save(settings.data_dir, "ko", ko)),
+                    )
+                )
         else:
             logger.info("analysis %d has no key slices: no key object selection", analysis_id)
+    record_problems(engine, analysis_id, problems)
     return objects
+
+
+#: What a builder raises on source data it cannot represent (highdicom, pydicom, numpy, PIL).
+BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError,
+                NotImplementedError, RuntimeError, OverflowError, LookupError)
+
+
+def _scrubbed(exc: Exception) -> str:
+    """An exception for the database and the log: quoted values (maybe patient data) removed."""
+    message = re.sub(r"(['\"]).*?\1", "'...'", str(exc).splitlines()[0] if str(exc) else "")
+    return f"{type(exc).__name__}: {message[:300]}" if message else type(exc).__name__
+
+
+def record_problems(engine: Engine, analysis_id: int, problems: list[str]) -> None:
+    """Store why objects were not sent (NULL when all passed), and log it with UIDs only."""
+    text = "\n".join(problems) if problems else None
+    with session_scope(engine) as session:
+        analysis = session.get_one(Analysis, analysis_id)
+        analysis.report_problems = text[:8000] if text else None
+    for line in problems:
+        logger.error("analysis %d: report object not sent: %s", analysis_id, line)
 
 
 def representative_slice(inp: ReportInput) -> SliceInfo:

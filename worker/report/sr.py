@@ -42,6 +42,7 @@ from importlib.metadata import PackageNotFoundError, version
 import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes as dicom_codes
 
 from worker.report import codes
@@ -241,11 +242,52 @@ def measurement_report(
         procedure_reported=codes.COMPUTED_TOMOGRAPHY,
         imaging_measurements=groups,
         title=codes.IMAGING_MEASUREMENT_REPORT,
-        referenced_images=list(sources.key_images) or None,
+        referenced_images=[library_view(image) for image in sources.key_images] or None,
     )
     if sources.key_images:
         _library_frames(report, inp.key_slices, sources.key_images)
     return report
+
+
+#: What highdicom's cross-sectional Image Library descriptors (TID 1604) read, with their VM.
+CROSS_SECTIONAL = {
+    "PixelSpacing": 2,
+    "ImageOrientationPatient": 6,
+    "ImagePositionPatient": 3,
+    "SliceThickness": 1,
+}
+
+
+def library_view(image: Dataset) -> Dataset:
+    """``image`` as the Image Library describes it; without geometry when some is unknown.
+
+    highdicom writes the cross-sectional descriptors (TID 1604: pixel spacing,
+    orientation, position, slice thickness) for a CT image and needs all of
+    them; images whose header lacks one (an empty Slice Thickness is valid in
+    CT, Type 2) are described by the common descriptors only (modality from
+    the SOP class, Frame of Reference UID when known, rows, columns): a copy
+    whose Modality is not a cross-sectional one stops highdicom from reading
+    the absent values. The copy is read only by the library builder.
+    """
+    complete = all(
+        keyword in image and len(_values_of(image[keyword].value)) == vm
+        for keyword, vm in CROSS_SECTIONAL.items()
+    )
+    if complete or str(image.get("Modality", "")) not in ("CT", "MR", "PT"):
+        return image
+    view = Dataset()
+    for element in image:
+        view.add(element)
+    view.Modality = "OT"  # only selects the descriptor set; the entry's modality is the SOP class's
+    return view
+
+
+def _values_of(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return list(value)
+    return [value]
 
 
 def _library_frames(
