@@ -1,11 +1,12 @@
 """What the listener needs to know about a received instance, read from its header.
 
-Reading stops before the pixel data (no decode on the hot path) and uses the
-fast walker of :mod:`scp.header_scan` (pydicom only for deflated data sets,
-whose bytes are compressed). The pixel data element is then checked
-structurally against Rows, Columns, Samples per Pixel, Bits Allocated and
-Number of Frames: native encodings must have exactly the expected length,
-encapsulated ones a well-formed item sequence with at least one fragment per
+One pass of the fast walker of :mod:`scp.header_scan` over the whole element
+stream (its structural check: no pixel decode on the hot path) gives the
+header values and where the pixel data is; deflated data sets are inflated to
+a temporary file first (:mod:`scp.deflate`). The pixel data element is then
+checked against Rows, Columns, Samples per Pixel, Bits Allocated and Number of
+Frames (which must be a positive integer when present): native encodings must
+have exactly the expected length, encapsulated ones at least one fragment per
 frame (a corrupt codestream is the worker's to find: decoding here would cost
 the hot path a decompression). Every refusal is a :class:`~scp.status.Rejected`
 naming the reason without patient data.
@@ -15,17 +16,14 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
 
-from pydicom import dcmread
 from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from scp.header_scan import HeaderError, RawHeader, scan_header
+from scp.deflate import inflated
+from scp.header_scan import HeaderError, NestingTooDeep, RawHeader, scan_header
 from scp.status import Rejected, Status
 from scp.uids import InvalidUid, validate_uid
 
@@ -178,19 +176,20 @@ def read_instance_header(
         mismatch with the command, not CT, pixel data inconsistent.
     """
     syntax = UID(transfer_syntax_uid)
-    with path.open("rb") as fp:
-        if syntax == DeflatedExplicitVRLittleEndian:
-            values, pixel_check = _read_deflated(fp)
-        else:
-            values, pixel_check = _read_native(fp, syntax)
-        uids = _identity(values, sop_class_uid, sop_instance_uid)
-        modality = values.text(_MODALITY)
-        if modality != "CT":
-            raise Rejected(
-                Status.NOT_CT,
-                f"Modality is {modality or 'absent'}, not CT, under a CT storage SOP class",
-            )
-        pixel_check(_image(values))
+    if syntax == DeflatedExplicitVRLittleEndian:
+        with inflated(path) as plain:
+            header = _scan(plain, ExplicitVRLittleEndian)
+    else:
+        header = _scan(path, syntax)
+    values = _Values(header.values, syntax.is_implicit_VR)
+    uids = _identity(values, sop_class_uid, sop_instance_uid)
+    modality = values.text(_MODALITY)
+    if modality != "CT":
+        raise Rejected(
+            Status.NOT_CT,
+            f"Modality is {modality or 'absent'}, not CT, under a CT storage SOP class",
+        )
+    _check_pixel_data(header, syntax, _image(values))
     return InstanceHeader(
         study_instance_uid=uids[0],
         series_instance_uid=uids[1],
@@ -212,60 +211,19 @@ def read_instance_header(
     )
 
 
-_PixelCheck = Callable[[_Image], None]
-
-
-def _read_native(fp: IO[bytes], syntax: UID) -> tuple[_Values, _PixelCheck]:
+def _scan(path: Path, syntax: UID) -> RawHeader:
+    """Walk the whole file (the structural check) and read its header values."""
     try:
-        header = scan_header(fp, syntax.is_implicit_VR, _WANTED)
-        values = _Values(header.values, syntax.is_implicit_VR)
+        with path.open("rb") as fp:
+            return scan_header(fp, syntax.is_implicit_VR, _WANTED)
+    except NestingTooDeep as exc:
+        raise Rejected(Status.CANNOT_PARSE, str(exc)) from exc
     except HeaderError as exc:  # our own messages: where the walk failed, never a value
         raise Rejected(Status.CANNOT_PARSE, f"data set cannot be parsed ({exc})") from exc
     except (struct.error, LookupError, ValueError) as exc:
         raise Rejected(
             Status.CANNOT_PARSE, f"data set cannot be parsed ({type(exc).__name__})"
         ) from exc
-
-    def check(image: _Image) -> None:
-        _check_pixel_data(fp, header, syntax, image)
-
-    return values, check
-
-
-def _read_deflated(fp: IO[bytes]) -> tuple[_Values, _PixelCheck]:
-    """Deflated data sets: pydicom inflates and reads the whole data set (rare, not hot)."""
-    try:
-        ds = dcmread(fp)
-        raw: dict[int, bytes] = {}
-        for tag in _WANTED:
-            if tag in ds:
-                raw[tag] = _encode_back(ds[tag].value, tag)
-        pixel_length = len(ds.PixelData) if "PixelData" in ds else None
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-            struct.error) as exc:
-        raise Rejected(
-            Status.CANNOT_PARSE, f"data set cannot be parsed ({type(exc).__name__})"
-        ) from exc
-
-    def check(image: _Image) -> None:
-        if pixel_length is None:
-            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "no Pixel Data")
-        if pixel_length not in (image.native_length, image.native_length + 1):
-            raise Rejected(
-                Status.PIXEL_DATA_INCONSISTENT,
-                f"Pixel Data has {pixel_length} bytes, header implies {image.native_length}",
-            )
-
-    return _Values(raw, implicit=False), check
-
-
-def _encode_back(value: Any, tag: int) -> bytes:
-    """pydicom's decoded value, back to the raw form :class:`_Values` reads."""
-    if tag in (_ROWS, _COLUMNS, _BITS_ALLOCATED, _SAMPLES_PER_PIXEL):
-        return struct.pack("<H", int(value))
-    if isinstance(value, list | tuple):
-        value = "\\".join(str(v) for v in value)
-    return str(value).encode("utf-8")
 
 
 def _identity(values: _Values, sop_class_uid: str, sop_instance_uid: str) -> tuple[str, str, str]:
@@ -297,71 +255,37 @@ def _image(values: _Values) -> _Image:
             Status.PIXEL_DATA_INCONSISTENT, "Rows, Columns or Bits Allocated absent or zero"
         )
     samples = values.us(_SAMPLES_PER_PIXEL) or 1
-    frames = values.integer_string(_NUMBER_OF_FRAMES) or 1
-    if frames < 1:
-        raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "Number of Frames invalid")
+    frames = 1
+    if values.text(_NUMBER_OF_FRAMES) is not None:
+        parsed = values.integer_string(_NUMBER_OF_FRAMES)
+        if parsed is None or parsed < 1:
+            raise Rejected(Status.PIXEL_DATA_INCONSISTENT,
+                           "Number of Frames is not a positive integer")
+        frames = parsed
     return _Image(rows, columns, samples, bits, frames)
 
 
-def _check_pixel_data(fp: IO[bytes], header: RawHeader, syntax: UID, image: _Image) -> None:
-    start = header.pixel_data_offset
-    if start is None:
+def _check_pixel_data(header: RawHeader, syntax: UID, image: _Image) -> None:
+    pixel = header.pixel_data
+    if pixel is None:
         raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "no Pixel Data (7FE0,0010)")
-    fp.seek(start)
-    head = fp.read(12)
-    if syntax.is_implicit_VR:
-        if len(head) < 8:
-            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "Pixel Data header truncated")
-        (length,) = struct.unpack("<L", head[4:8])
-        value_start = start + 8
-    elif head[4:6] in (b"OB", b"OW"):
-        if len(head) < 12:
-            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "Pixel Data header truncated")
-        (length,) = struct.unpack("<L", head[8:12])
-        value_start = start + 12
-    else:
+    if pixel.vr is not None and pixel.vr not in (b"OB", b"OW"):
         raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "Pixel Data has an unexpected VR")
     if syntax.is_encapsulated:
-        _check_encapsulated(fp, length, value_start, header.file_size, image)
+        if pixel.fragments is None:
+            raise Rejected(
+                Status.PIXEL_DATA_INCONSISTENT, "compressed Pixel Data must have undefined length"
+            )
+        if pixel.fragments < image.frames:
+            raise Rejected(
+                Status.PIXEL_DATA_INCONSISTENT,
+                f"compressed Pixel Data has {pixel.fragments} fragments for {image.frames} frames",
+            )
         return
     expected = image.native_length
-    if length == _UNDEFINED_LENGTH or length not in (expected, expected + 1):
-        shown = "undefined" if length == _UNDEFINED_LENGTH else str(length)
+    if pixel.fragments is not None or pixel.length not in (expected, expected + 1):
+        shown = "undefined" if pixel.fragments is not None else str(pixel.length)
         raise Rejected(
             Status.PIXEL_DATA_INCONSISTENT,
             f"Pixel Data length {shown}, header implies {expected}",
-        )
-    if header.file_size - value_start < length:
-        raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "Pixel Data truncated")
-
-
-def _check_encapsulated(
-    fp: IO[bytes], length: int, value_start: int, end: int, image: _Image
-) -> None:
-    """Walk the items (Basic Offset Table, fragments) without reading them."""
-    if length != _UNDEFINED_LENGTH:
-        raise Rejected(
-            Status.PIXEL_DATA_INCONSISTENT, "compressed Pixel Data must have undefined length"
-        )
-    position = value_start
-    items = 0
-    while True:
-        fp.seek(position)
-        head = fp.read(8)
-        if len(head) < 8:
-            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "compressed Pixel Data truncated")
-        group, element, item_length = struct.unpack("<HHL", head)
-        if (group, element) == _SEQUENCE_DELIMITER:
-            break
-        if (group, element) != _ITEM or item_length == _UNDEFINED_LENGTH:
-            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "compressed Pixel Data malformed")
-        position += 8 + item_length
-        if position > end:
-            raise Rejected(Status.PIXEL_DATA_INCONSISTENT, "compressed Pixel Data truncated")
-        items += 1
-    fragments = items - 1  # the first item is the Basic Offset Table
-    if fragments < image.frames:
-        raise Rejected(
-            Status.PIXEL_DATA_INCONSISTENT,
-            f"compressed Pixel Data has {fragments} fragments for {image.frames} frames",
         )
