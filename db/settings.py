@@ -52,6 +52,23 @@ class Settings(BaseSettings):
     max_associations: int = Field(
         16, ge=1, description="Maximum simultaneous associations per listener process."
     )
+    max_pending_associations: int = Field(
+        32,
+        ge=1,
+        description=(
+            "Connections per listener process still sending their A-ASSOCIATE-RQ (each ends "
+            "within the ACSE time-out); they do not count against CTDX_MAX_ASSOCIATIONS. "
+            "More are closed at once."
+        ),
+    )
+    max_pending_per_peer: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Of CTDX_MAX_PENDING_ASSOCIATIONS, how many may come from one peer address; "
+            "more are closed at once."
+        ),
+    )
     listener_processes: int = Field(
         1,
         ge=1,

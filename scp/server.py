@@ -62,7 +62,12 @@ from scp.receive import stop_streaming, stream_received_data_sets_to
 from scp.recorder import ORPHAN_SECONDS, reindex_unindexed
 from scp.spool import Spool
 from scp.store import InstanceStore
-from scp.transport import ListenerServer, use_event_driven_waits, use_fast_command_sets
+from scp.transport import (
+    ConnectionLimits,
+    ListenerServer,
+    use_event_driven_waits,
+    use_fast_command_sets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +108,9 @@ def build_ae(settings: Settings) -> AE:
     """The application entity: contexts, calling-AE allow-list, limits, time-outs."""
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
-    ae.maximum_associations = settings.max_associations
+    # the limit is ConnectionLimits' (scp.transport), counted from the full A-ASSOCIATE-RQ;
+    # pynetdicom's own count (acceptor threads, some still ending) is only a backstop
+    ae.maximum_associations = 2 * settings.max_associations
     ae.network_timeout = settings.network_timeout
     ae.dimse_timeout = settings.network_timeout
     ae.acse_timeout = min(30.0, settings.network_timeout)
@@ -168,6 +175,10 @@ class Listener:
             server_class=ListenerServer,
             reuse_port=self.reuse_port,
             fast_store=self._fast_store(),
+            limits=ConnectionLimits(
+                self.settings.max_associations,
+                self.settings.max_pending_associations, self.settings.max_pending_per_peer,
+            ),
         )  # bound and listening; nothing is accepted before serve_forever
         self.store.recorder.start()
         stream_received_data_sets_to(self.spool.incoming)

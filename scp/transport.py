@@ -49,16 +49,27 @@ import time
 import types
 import weakref
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import pynetdicom.association
 import pynetdicom.dul
 from pydicom import Dataset
-from pynetdicom import dimse_messages
+from pynetdicom import dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from scp.acceptor import (
+    MAX_ASSOCIATE_RQ,
+    ConnectionEnded,
+    Refusal,
+    limit_reached,
+    parse_associate_rq,
+    receive_associate_rq,
+    refuse,
+)
 from scp.command_set import encode_command_set
 from scp.fastpath import FastStoreConfig, FastStoreReceiver, ProtocolError, fast_path_allowed
 
@@ -66,6 +77,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_IDLE_WAIT",
+    "ConnectionLimits",
     "EventDrivenAssociation",
     "EventDrivenDUL",
     "ListenerServer",
@@ -76,9 +88,11 @@ __all__ = [
 
 _PDU_HEADER = struct.Struct(">BBL")
 _PDU_TYPES = frozenset(range(0x01, 0x08))
-#: Largest PDU the fast path reads (peers may not exceed the maximum we announce, which is
-#: far below this); a longer one is treated as garbage rather than allocated.
+#: Largest P-DATA-TF PDU read when the listener announces no maximum (``CTDX_MAX_PDU=0``);
+#: otherwise a P-DATA-TF longer than the announced maximum is refused (A-ABORT).
 MAX_PDU_READ = 64 * 1024 * 1024
+#: First buffer of a connection's PDU reads; buffers double as bytes arrive.
+FIRST_READ = 262_144
 
 
 _lock = threading.Lock()
@@ -116,45 +130,51 @@ def use_fast_command_sets(enabled: bool) -> None:
 
 
 class ReceivingSocket(AssociationSocket):
-    """An :class:`AssociationSocket` whose ``recv`` fills one buffer of the requested size."""
+    """An :class:`AssociationSocket` whose reads grow with what arrives, never by a declared size.
+
+    A PDU's length field comes from the peer: buffers grow as its bytes arrive
+    (doubling, from :data:`FIRST_READ`), so a 4 GiB declaration followed by
+    silence costs a small buffer, and the PDU reader has refused lengths over the
+    negotiated maximum before asking for them.
+    """
 
     _ctdx_buffer: bytearray | None = None
 
     def recv_reused(self, nr_bytes: int) -> memoryview:
         """Read ``nr_bytes`` into a buffer reused from call to call; shorter when closed.
 
-        The view is valid until the next call.
+        The view is valid until the next call (a buffer that grows is replaced, not resized,
+        so an earlier view stays readable).
         """
         sock = self.socket
         if sock is None:
             return memoryview(b"")
         buffer = self._ctdx_buffer
-        if buffer is None or len(buffer) < nr_bytes:
-            buffer = self._ctdx_buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)[:nr_bytes]
+        if buffer is None:
+            buffer = self._ctdx_buffer = bytearray(min(nr_bytes, FIRST_READ))
         received = 0
         while received < nr_bytes:
-            count = sock.recv_into(view[received:], nr_bytes - received)
+            if received == len(buffer):  # full: grow now that the bytes are arriving
+                grown = bytearray(min(nr_bytes, max(2 * len(buffer), FIRST_READ)))
+                grown[:received] = buffer[:received]
+                buffer = self._ctdx_buffer = grown
+            count = sock.recv_into(memoryview(buffer)[received:min(nr_bytes, len(buffer))])
             if not count:
-                return view[:received]
+                return memoryview(buffer)[:received]
             received += count
-        return view
+        return memoryview(buffer)[:nr_bytes]
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         if sock is None:
             return bytearray()
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nr_bytes:
-            count = sock.recv_into(view[received:], nr_bytes - received)
-            if not count:  # connection closed: return what arrived, as pynetdicom does
-                del view
-                del buffer[received:]
-                return buffer
-            received += count
-        return buffer
+        data = bytearray()
+        while len(data) < nr_bytes:
+            chunk = sock.recv(min(nr_bytes - len(data), FIRST_READ))
+            if not chunk:  # connection closed: return what arrived, as pynetdicom does
+                break
+            data += chunk
+        return data
 
 
 #: Longest an idle association thread waits before looking again at what nothing wakes it
@@ -263,31 +283,45 @@ class EventDrivenDUL(DULServiceProvider):
             self._ctdx_pipe.close()
             self._ctdx_on_exit()
 
+    def _ctdx_limit(self, pdu_type: int) -> int:
+        """Longest PDU of this type the listener reads (PS3.8 D.1: the maximum we announced)."""
+        if pdu_type != 0x04:
+            return MAX_ASSOCIATE_RQ  # A-ASSOCIATE, A-RELEASE and A-ABORT PDUs are small
+        announced = self.assoc.acceptor.maximum_length
+        return int(announced) if announced else MAX_PDU_READ
+
     def _read_pdu_data(self) -> None:
         """Read one PDU; C-STORE P-DATA-TF PDUs go to the fast path (:mod:`scp.fastpath`).
 
-        Everything else is decoded and queued for the state machine exactly as
-        pynetdicom's own ``_read_pdu_data`` does.
+        A PDU of unknown type, or longer than :meth:`_ctdx_limit`, is Evt19 (A-ABORT)
+        before anything of its body is read; after the listener has aborted (Sta13) such
+        bytes just close the connection. Everything else is decoded and queued for the
+        state machine exactly as pynetdicom's own ``_read_pdu_data`` does.
         """
-        fast: FastStoreReceiver | None = self.__dict__.get("_ctdx_fast")
         sock = self.socket
-        if (fast is None or not isinstance(sock, ReceivingSocket)
-                or self.state_machine.current_state != "Sta6"):
+        if not isinstance(sock, ReceivingSocket):
             super()._read_pdu_data()
             return
+        state = self.state_machine.current_state
         head = self._ctdx_receive(sock, 6, closed_quietly=True)
         if head is None:
             return
         header = bytes(head)
         pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
-        if pdu_type not in _PDU_TYPES or pdu_length > MAX_PDU_READ:
-            logger.error("invalid PDU received (type 0x%02X, length %d)", pdu_type, pdu_length)
+        if pdu_type not in _PDU_TYPES or pdu_length > self._ctdx_limit(pdu_type):
+            if state == "Sta13":  # aborted already: what follows is dropped with the connection
+                sock.close()
+                return
+            logger.error("invalid PDU received (type 0x%02X, length %d); aborting",
+                         pdu_type, pdu_length)
             self.event_queue.put("Evt19")
             return
         body = self._ctdx_receive(sock, pdu_length)
         if body is None:
             return
-        if pdu_type == 0x04 and not self.assoc._sent_release:
+        fast: FastStoreReceiver | None = self.__dict__.get("_ctdx_fast")
+        if (fast is not None and pdu_type == 0x04 and state == "Sta6"
+                and not self.assoc._sent_release):
             try:
                 if fast.take(body, sock.send):
                     return
@@ -445,8 +479,146 @@ def make_event_driven(assoc: Association) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How many connections a listener process serves, before and after association.
+
+    ``max_associations`` counts associations from the moment their A-ASSOCIATE-RQ has
+    been received in full until they end; connections still sending their request
+    count against ``max_pending`` (per process) and ``max_pending_per_peer`` (per peer
+    address) instead, and last at most the ACSE time-out (:mod:`scp.acceptor`).
+    """
+
+    max_associations: int
+    max_pending: int = 32
+    max_pending_per_peer: int = 8
+
+
+class _Slots:
+    """The counters of :class:`ConnectionLimits`, shared by the accept loop and connections."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}
+        self._pending_total = 0
+        self.established = 0
+
+    def enter_pending(self, peer: str) -> str | None:
+        """Count a new connection; why it may not be served, or ``None``."""
+        with self._lock:
+            if self._pending_total >= self.limits.max_pending:
+                return f"{self._pending_total} connections are still associating"
+            if self._pending.get(peer, 0) >= self.limits.max_pending_per_peer:
+                return f"{self._pending[peer]} connections from this peer are still associating"
+            self._pending_total += 1
+            self._pending[peer] = self._pending.get(peer, 0) + 1
+            return None
+
+    def leave_pending(self, peer: str) -> None:
+        with self._lock:
+            self._pending_total -= 1
+            left = self._pending.get(peer, 1) - 1
+            if left:
+                self._pending[peer] = left
+            else:
+                self._pending.pop(peer, None)
+
+    def reserve(self) -> Callable[[], None] | None:
+        """An association slot and the (idempotent) call that gives it back; ``None``: full."""
+        with self._lock:
+            if self.established >= self.limits.max_associations:
+                return None
+            self.established += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self.established -= 1
+
+        return release
+
+
+#: After these the association is over, although its threads take a moment to end.
+_ENDING_EVENTS = (evt.EVT_RELEASED, evt.EVT_ABORTED, evt.EVT_REJECTED, evt.EVT_CONN_CLOSE)
+
+
+def _release_at_end(assoc: Association, release: Callable[[], None]) -> None:
+    """Call ``release`` when the association is released, aborted, rejected or closed, and
+    at the latest when its thread ends, however it ends."""
+    for event in _ENDING_EVENTS:
+        assoc.bind(event, _released_by_event, [release])
+    run = assoc.run
+
+    def run_then_release() -> None:
+        try:
+            run()
+        finally:
+            release()
+
+    setattr(assoc, "run", run_then_release)  # noqa: B010 (an instance's Thread.run)
+
+
+def _released_by_event(event: Any, release: Callable[[], None]) -> None:
+    release()
+
+
 class _RequestHandler(RequestHandler):
+    """One connection: its A-ASSOCIATE-RQ read and checked here (:mod:`scp.acceptor`), then
+    handed to pynetdicom as if its DUL had read it."""
+
     server: ListenerServer
+
+    def handle(self) -> None:
+        server = self.server
+        sock = cast(socket.socket, self.request)
+        peer = str(self.client_address[0])
+        try:
+            accepted = self._receive_request(sock, peer)
+        finally:
+            server.slots.leave_pending(peer)
+        if accepted is None:
+            return
+        request, release = accepted
+        try:
+            assoc = self._create_association()
+            # from now on a read or write that stalls for the network time-out ends it
+            sock.settimeout(self.ae.network_timeout)
+            assoc.dul._recv_pdu.put(request)  # as pynetdicom's DUL queues a received PDU
+            assoc.dul.event_queue.put("Evt6")  # after the socket's Evt5: Sta1 -> Sta2 -> Sta3
+            _release_at_end(assoc, release)
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            evt.trigger(assoc, evt.EVT_PDU_RECV, {"pdu": request})
+            assoc.start()
+        except BaseException:
+            release()
+            raise
+
+    def _receive_request(
+        self, sock: socket.socket, peer: str
+    ) -> tuple[A_ASSOCIATE_RQ, Callable[[], None]] | None:
+        """The checked request and its association slot; ``None`` when answered or closed."""
+        deadline = time.monotonic() + float(self.ae.acse_timeout or 30.0)
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.do_handshake()
+            request = parse_associate_rq(receive_associate_rq(sock, deadline))
+            release = self.server.slots.reserve()
+            if release is None:
+                raise limit_reached()
+        except Refusal as exc:
+            logger.warning("connection from %s: %s; answered %s", peer, exc, exc.kind)
+            refuse(sock, exc)
+            return None
+        except (ConnectionEnded, OSError, ValueError) as exc:
+            reason = exc if isinstance(exc, ConnectionEnded) else type(exc).__name__
+            logger.info("connection from %s closed before association: %s", peer, reason)
+            self.server.shutdown_request(sock)
+            return None
+        return request, release
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -461,24 +633,53 @@ class _RequestHandler(RequestHandler):
 
 
 class ListenerServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the changes listed in the module docstring."""
+    """pynetdicom's threaded server with the changes listed in the module docstring.
+
+    Connections beyond :class:`ConnectionLimits`' pending limits are closed at once,
+    without a thread; a TLS handshake happens in the connection's thread, within the
+    ACSE time-out, not in the accept loop.
+    """
 
     daemon_threads = True
     block_on_close = False
 
     def __init__(self, *args: Any, reuse_port: bool = False,
                  fast_store: FastStoreConfig | None = None,
+                 limits: ConnectionLimits | None = None,
                  **kwargs: Any) -> None:
         self._reuse_port = reuse_port
         #: what the C-STORE fast path needs (scp.fastpath); None: pynetdicom receives everything
         self.fast_store = fast_store
         kwargs.setdefault("request_handler", _RequestHandler)
         super().__init__(*args, **kwargs)
+        self.slots = _Slots(limits or ConnectionLimits(self.ae.maximum_associations))
 
     def server_bind(self) -> None:
         if self._reuse_port and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:  # the handshake is the connection thread's (see _RequestHandler)
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        peer = str(client_address[0])
+        refused = self.slots.enter_pending(peer)
+        if refused is not None:
+            logger.warning("connection from %s closed at once: %s", peer, refused)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.leave_pending(peer)
+            self.shutdown_request(request)
+            raise
 
     def service_actions(self) -> None:
         """Nothing: the interpreter's generational collector reclaims finished associations."""
