@@ -88,9 +88,10 @@ def _register_subcommands() -> None:
     from scp import cli as scp_cli
     from scp import cli_spool
     from worker import cli as worker_cli
-    from worker import demo
+    from worker import demo, selftest
 
     demo.register(app)
+    selftest.register(app)
     scp_cli.register(app)
     cli_spool.register(app)
     worker_cli.register(app)

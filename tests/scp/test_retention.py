@@ -34,6 +34,7 @@ from db.models import (
 )
 from db.session import session_scope
 from scp import retention
+from tests.cli.test_docs import _fields
 from tests.conftest import REPO_ROOT, wait_for
 from tests.scp.conftest import Running, phantom, send_files
 
@@ -154,6 +155,8 @@ def test_prune_removes_exactly_the_finished_studies_past_retention(
     done = ctdx(env, "spool", "prune", "--format", "json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
+    assert list(result) == _fields("`ctdx spool prune`")  # docs/cli-json.md, in order
+    assert list(result["studies"][0]) == _fields("pruned study")
     assert {s["study_instance_uid"] for s in result["studies"]} == {
         scenario[n].uid for n in eligible}
     assert {s["reason"] for s in result["studies"]} == {"retention"}
