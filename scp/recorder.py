@@ -22,6 +22,9 @@ The rows follow within milliseconds; what must see them waits for them:
 - while the database refuses writes, :attr:`Recorder.healthy` is false and new
   C-STORE requests are answered 0xA701 before anything is written; what was
   already acknowledged stays on disk and is written when the database returns.
+  A new C-STORE does not wait for the next scheduled retry (up to 5 s away):
+  :meth:`Recorder.ready` has the recorder try again at once and waits for that
+  attempt, so the first instance after the database is back is accepted.
 """
 
 from __future__ import annotations
@@ -95,12 +98,34 @@ class Recorder:
         self._flushing = 0  # callers waiting in flush(): write at once
         self._stopping = False
         self._healthy = True
+        self._retry_now = False  # a C-STORE waits on the next attempt: make it now
+        self._attempts = 0  # attempts that failed, for ready() to see one end
         self._thread: threading.Thread | None = None
         self._paused = False  # tests: hold rows back to look at what a crash would leave
 
     @property
     def healthy(self) -> bool:
         """False while the database refuses the recorder's writes."""
+        return self._healthy
+
+    def ready(self, timeout: float) -> bool:
+        """Whether the database takes writes; when it did not, try again now and wait.
+
+        Waits for one attempt of the recorder (at most ``timeout``), so a request
+        that arrives just after the database came back is not refused.
+        """
+        if self._healthy:
+            return True
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            seen = self._attempts
+            self._retry_now = True
+            self._cond.notify_all()
+            while not self._healthy and self._attempts == seen:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    break
+                self._cond.wait(left)
         return self._healthy
 
     def start(self) -> None:
@@ -173,20 +198,29 @@ class Recorder:
             except SQLAlchemyError as exc:
                 delay = _RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)]
                 failures += 1
-                self._healthy = False
                 logger.error("database refused %d instance row(s) (%s); retrying in %.1f s",
                              len(batch), type(exc).__name__, delay)
                 with self._cond:
+                    self._healthy = False
+                    self._attempts += 1
+                    self._cond.notify_all()
                     if self._stopping:
                         return
-                    self._cond.wait(delay)
+                    retry_at = time.monotonic() + delay
+                    while not self._retry_now and not self._stopping:
+                        left = retry_at - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    self._retry_now = False
                 continue
             except Exception:  # never lose the thread: the rows wait for the next start-up
                 logger.exception("recording %d instance(s) failed; they stay in .unindexed",
                                  len(batch))
             failures = 0
-            self._healthy = True
             with self._cond:
+                self._healthy = True
+                self._retry_now = False
                 del self._queue[: len(batch)]
                 self._done += len(batch)
                 self._cond.notify_all()

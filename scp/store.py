@@ -62,6 +62,8 @@ class StoreResult:
 
 
 _CLAIM_WAIT_SECONDS = 10.0  # a resend waiting for a claimed instance's row
+#: Longest a C-STORE waits for the recorder's immediate retry while the database was down.
+_DATABASE_RETRY_WAIT_SECONDS = 5.0
 
 
 class AssociationLease:
@@ -105,7 +107,7 @@ class InstanceStore:
         """Store the file pynetdicom received at ``received``; raises :class:`Rejected`."""
         digest = take_digest(received)  # taken while it was written; always collect it
         self._check_space()
-        if not self.recorder.healthy:
+        if not self.recorder.ready(_DATABASE_RETRY_WAIT_SECONDS):
             raise Rejected(
                 Status.OUT_OF_RESOURCES_STORAGE, "database unavailable; instance not stored"
             )
