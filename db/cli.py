@@ -84,12 +84,14 @@ def db_check(database_url: str | None = DatabaseUrlOption) -> None:
 def _register_subcommands() -> None:
     """Each package adds its nouns; their modules import heavy libraries lazily."""
     from db import cli_results, cli_validate
+    from db.cli_help import tidy_help
     from model_train import cli as train_cli
     from scp import cli as scp_cli
     from scp import cli_spool
     from worker import cli as worker_cli
     from worker import demo, selftest
 
+    tidy_help()
     demo.register(app)
     selftest.register(app)
     scp_cli.register(app)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -129,6 +130,37 @@ def middle_ellipsis(text: str, width: int) -> str:
     return text[:head] + ELLIPSIS + text[len(text) - tail :]
 
 
+def distinct_middle(values: Sequence[str], width: int) -> list[str]:
+    """``values`` shortened to ``width`` so that different values stay different.
+
+    First :func:`middle_ellipsis` (root and tail); when that makes two different values
+    look alike (UIDs of one scanner share their root, and often their last digits), the
+    tail alone, then a window starting where the values start to differ. Values that
+    cannot be told apart in ``width`` characters keep the middle form.
+    """
+    distinct = set(values)
+    if width <= 2 or all(len(v) <= width for v in distinct):
+        return [middle_ellipsis(v, width) for v in values]
+
+    def tail(text: str) -> str:
+        return text if len(text) <= width else ELLIPSIS + text[len(text) - width + 1 :]
+
+    common = len(os.path.commonprefix(list(distinct)))
+
+    def window(text: str) -> str:
+        if len(text) <= width:
+            return text
+        start = min(common, len(text) - width + 1)
+        if start <= 0:
+            return end_ellipsis(text, width)
+        return end_ellipsis(ELLIPSIS + text[start:], width)
+
+    for shorten in (lambda v: middle_ellipsis(v, width), tail, window):
+        if len({shorten(v) for v in distinct}) == len(distinct):
+            return [shorten(v) for v in values]
+    return [middle_ellipsis(v, width) for v in values]
+
+
 def end_ellipsis(text: str, width: int) -> str:
     if len(text) <= width:
         return text
@@ -229,10 +261,15 @@ def fitted_table(
             overflow="ellipsis",
             justify=column.justify,  # type: ignore[arg-type]
         )
-    for row in cells:
+    shown = {
+        i: distinct_middle([row[i] for row in cells], widths[i])
+        for i in kept
+        if columns[i].middle
+    }
+    for r, row in enumerate(cells):
         table.add_row(
             *(
-                Text((middle_ellipsis if columns[i].middle else end_ellipsis)(row[i], widths[i]))
+                Text(shown[i][r] if i in shown else end_ellipsis(row[i], widths[i]))
                 for i in kept
             )
         )

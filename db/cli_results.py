@@ -146,8 +146,8 @@ RESULTS_LIST_HELP = (
     "Each study is shown by its newest version (instances arriving after a study was "
     "complete open a new version); --since/--until select by the time that version "
     "started arriving. Table times are local; json and csv are UTC. Narrow terminals "
-    "shorten UIDs in the middle: use the accession number, or --format csv, to get them "
-    "whole.\n\n"
+    "shorten UIDs, keeping a part that tells the listed studies apart: use the accession "
+    "number, or --format csv, to get them whole.\n\n"
     "Examples:\n"
     "ctdx results list --since today                    (what came in today)\n"
     "ctdx results list --since 7d --decision covid19    (COVID-19 this week)\n"
@@ -370,9 +370,9 @@ def exports_list(
             study_instance_uid=uid, limit=limit,
         )
     if output is ListFormat.JSON:
-        write_json([views.record(r, views.EXPORT_FIELDS) for r in rows])
+        write_json([views.export_record(r) for r in rows])
     elif output is ListFormat.CSV:
-        write_csv(views.EXPORT_FIELDS, [views.record(r, views.EXPORT_FIELDS) for r in rows])
+        write_csv(views.EXPORT_FIELDS, [views.export_record(r) for r in rows])
     else:
         console = make_console()
         if not rows:

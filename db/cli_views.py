@@ -90,6 +90,15 @@ def record(obj: Any, fields: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in fields}
 
 
+def export_record(row: Any, fields: Sequence[str] = EXPORT_FIELDS) -> dict[str, Any]:
+    """An export's fields; ``next_attempt_at`` only while one is due (state pending): the
+    column keeps its last value after delivery or dead-lettering, which is no plan."""
+    out = record(row, fields)
+    if "next_attempt_at" in out and row.state != "pending":
+        out["next_attempt_at"] = None
+    return out
+
+
 def _text(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
@@ -186,7 +195,7 @@ def _export_json(e: ExportInfo) -> dict[str, Any]:
         "last_error": e.last_error,
         "created_at": e.created_at,
         "last_attempt_at": e.last_attempt_at,
-        "next_attempt_at": e.next_attempt_at,
+        "next_attempt_at": e.next_attempt_at if e.state == "pending" else None,
         "delivered_at": e.delivered_at,
     }
 
@@ -249,7 +258,9 @@ def _version_json(v: VersionInfo) -> dict[str, Any]:
             "dispatched_at": v.outbox.dispatched_at,
             "attempts": v.outbox.attempts,
             "last_error": v.outbox.last_error,
-            "next_attempt_at": v.outbox.next_attempt_at,
+            "next_attempt_at": None
+            if v.outbox.dispatched_at is not None
+            else v.outbox.next_attempt_at,
         },
         "analyses": [_analysis_json(a) for a in v.analyses],
         "pruned_at": v.pruned_at,

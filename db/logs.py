@@ -15,6 +15,10 @@ from rich.logging import RichHandler
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(process)d: %(message)s"
 
+#: Libraries whose INFO lines are routine (Alembic: its context and migration lines at
+#: every start; highdicom: seven lines per SR it builds): shown only at DEBUG.
+CHATTY_LIBRARIES = ("alembic", "highdicom")
+
 
 def silence_identifier_logging() -> None:
     from pynetdicom import _config
@@ -50,6 +54,7 @@ def configure_logging(level: str = "INFO", rich: bool = False) -> None:
     root = logging.getLogger()
     if getattr(root, "_ctdx_configured", False):
         root.setLevel(level)
+        _library_levels(root.level)
         return
     handler: logging.Handler
     if rich:
@@ -60,6 +65,15 @@ def configure_logging(level: str = "INFO", rich: bool = False) -> None:
         handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
-    # pynetdicom is chatty at INFO (every PDU summary); keep warnings only
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    _library_levels(root.level)
     root._ctdx_configured = True  # type: ignore[attr-defined]
+
+
+def _library_levels(level: int) -> None:
+    """Quiet the chatty libraries: WARNING and up, or all of theirs at DEBUG (the verbose
+    setting: ``--log-level debug`` / ``--loglevel debug``)."""
+    # pynetdicom is chatty at INFO (every PDU summary); keep warnings only, even at DEBUG
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, level))
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG
+                                         else max(logging.WARNING, level))

@@ -81,7 +81,8 @@ def scp(
         typer.Option("--tls-ca", help="CA bundle; requires client certificates (CTDX_TLS_CA)."),
     ] = None,
     log_level: Annotated[
-        str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+        str, typer.Option("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR. "
+                          "DEBUG also shows Alembic's INFO lines, quiet otherwise.")
     ] = "INFO",
 ) -> None:
     """Receive CT studies (C-STORE, MPPS), store them durably, queue complete ones."""

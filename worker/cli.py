@@ -63,17 +63,23 @@ def start_export_delivery(settings: Settings) -> threading.Event:
 
 def worker_command(
     concurrency: int = typer.Option(
-        1, "--concurrency", "-c", min=1,
+        1, "--concurrency", "-c", min=1, metavar="N",
         help="Analyses at a time on this machine (processes); one per GPU, or cores/2 on CPU.",
     ),
     pool: str = typer.Option(
-        "prefork", "--pool", "-P", help=f"Celery pool: {', '.join(POOLS)}.",
+        "prefork", "--pool", "-P", metavar="POOL", help=f"Celery pool: {', '.join(POOLS)}.",
     ),
-    loglevel: str = typer.Option("INFO", "--loglevel", "-l", help="DEBUG, INFO, WARNING, ERROR."),
+    loglevel: str = typer.Option(
+        "INFO", "--loglevel", "-l", metavar="LEVEL",
+        help="DEBUG, INFO, WARNING, ERROR. DEBUG also shows the INFO lines of Alembic and "
+        "highdicom (one SR: seven lines), quiet otherwise.",
+    ),
     hostname: str | None = typer.Option(
-        None, "--hostname", "-n", help="Celery node name (default celery@<host>)."
+        None, "--hostname", "-n", metavar="NAME", help="Celery node name (default celery@<host>)."
     ),
-    queues: str = typer.Option("ctdx", "--queues", "-Q", help="Comma-separated queues to consume."),
+    queues: str = typer.Option(
+        "ctdx", "--queues", "-Q", metavar="QUEUES", help="Comma-separated queues to consume."
+    ),
     export_delivery: bool = typer.Option(
         True, "--export-delivery/--no-export-delivery",
         help="Also deliver pending report exports to PACS from this process.",
