@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -217,18 +219,60 @@ def _few(keys: list[str], n: int = 4) -> str:
     return "[]" if not keys else f"[{', '.join(keys[:n])}{', ...' if len(keys) > n else ''}]"
 
 
+def _file_damage(path: Path) -> str | None:
+    """Why ``path`` cannot be a file written by ``torch.save`` (a zip archive), or None.
+
+    Checked before ``torch.load`` so that an empty, truncated or corrupted copy is named as
+    such (zip directory and per-member CRC-32), not with torch's internal messages.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes); copy or export it again"
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head[:1] == b"\x80":
+        return ("it is a pickle in torch's legacy format, not the zip archive torch.save "
+                "writes today; export the model with `ctdx train export`")
+    if head != b"PK\x03\x04":
+        return (f"it is not a zip archive as written by torch.save (it starts with {head!r}); "
+                "a ctdx checkpoint is a file written by `ctdx train export`")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        return (f"it is truncated or damaged ({size} bytes; its zip directory cannot be read: "
+                f"{exc}); copy or export it again")
+    if bad is not None:
+        return (f"it is damaged: its member {bad!r} fails its CRC-32 check; copy or export "
+                "it again")
+    return None
+
+
 def _read_payload(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    damage = _file_damage(path)
+    if damage is not None:
+        raise CheckpointError(f"{path} is not a ctdx checkpoint: {damage}")
     try:
         with warnings.catch_warnings():  # int8 entries: torch's own deprecation notices
             warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
             warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+            warnings.filterwarnings("ignore", message=r".*pickle protocol.*")
             payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's text advises weights_only=False (which runs the file's code): not shown
+        raise CheckpointError(
+            f"{path} is not a ctdx checkpoint: it holds Python objects besides tensors and plain "
+            "values (a whole pickled model, or a training checkpoint), and ctdx never loads "
+            "those because loading them runs code; write the worker's file with "
+            "`ctdx train export`"
+        ) from exc
     except Exception as exc:  # zip, pickle and weights-only errors have unrelated types
         raise CheckpointError(
-            f"{path} is not a ctdx checkpoint (unreadable by torch.load with weights_only): {exc}"
+            f"{path} is not a ctdx checkpoint: torch.load cannot read its contents "
+            f"({type(exc).__name__}); the file is damaged or of another kind"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise CheckpointError(
