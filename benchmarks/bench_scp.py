@@ -16,6 +16,9 @@ and with four concurrent senders (each its own copy of the study, new UIDs):
 - for reference, a plain pynetdicom storage SCP on the same contexts and PDU
   size whose handler only renames pynetdicom's received file into a folder
   (no checks, no fsync, no database): the floor pynetdicom itself sets;
+- Orthanc (Debian's build, ``SyncStorageArea`` true, its default: every file fsynced
+  before the answer, index in its own SQLite), the durable peer: a generated
+  configuration in the run's folder, its own DICOM and HTTP ports, no plugins;
 - for reference, the *durable write floor*: no network and no DICOM, one
   thread per sender writing its study's files from memory exactly as durably as
   the listener must before it answers (write, fsync, two links, fsync of both
@@ -32,6 +35,7 @@ checked: all instances stored. Example:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -42,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,6 +134,7 @@ class Receiver:
     name: str
     start: Callable[[Path, int], subprocess.Popen[bytes]]
     check: Callable[[Path, int], None] = lambda run_dir, expected: None
+    check_while_running: bool = False  # Orthanc answers through its REST API
 
 
 def storescp(bit_preserving: bool) -> Callable[[Path, int], subprocess.Popen[bytes]]:
@@ -166,6 +172,37 @@ def pynetdicom_reference(run_dir: Path, port: int) -> subprocess.Popen[bytes]:
     out.mkdir()
     return subprocess.Popen([sys.executable, "-c", _REFERENCE, str(out), str(port)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def orthanc() -> tuple[Starter, Callable[[Path, int], None]]:
+    """Debian's ``Orthanc`` with a generated configuration; checked through its REST API."""
+    http_ports: dict[Path, int] = {}
+
+    def start(run_dir: Path, port: int) -> subprocess.Popen[bytes]:
+        http_ports[run_dir] = http_port = free_port()
+        config = {
+            "Name": "ctdx-bench", "StorageDirectory": str(run_dir / "storage"),
+            "IndexDirectory": str(run_dir / "index"), "DicomAet": "CTDX", "DicomPort": port,
+            "HttpPort": http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": True, "StorageCompression": False,
+            "SyncStorageArea": True, "Plugins": [],
+        }
+        path = run_dir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        log = (run_dir / "orthanc.log").open("wb")
+        return subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=subprocess.STDOUT)
+
+    def check(run_dir: Path, expected: int) -> None:
+        url = f"http://127.0.0.1:{http_ports.pop(run_dir)}/statistics"
+        stored = int(json.load(urllib.request.urlopen(url, timeout=30))["CountInstances"])
+        if stored != expected:
+            raise RuntimeError(f"Orthanc stored {stored} of {expected} instances")
+
+    return start, check
+
+
+ORTHANC = "Orthanc (SyncStorageArea, durable)"
 
 
 def ctdx_bin() -> list[str]:
@@ -291,6 +328,8 @@ def run_once(receiver: Receiver, studies: list[Path], slices: int, work: Path) -
         for sender, err in zip(senders, failures, strict=True):
             if sender.returncode != 0:
                 raise RuntimeError(f"storescu to {receiver.name} failed: {err.decode()[-500:]}")
+        if receiver.check_while_running:
+            receiver.check(run_dir, slices * len(studies))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -298,7 +337,8 @@ def run_once(receiver: Receiver, studies: list[Path], slices: int, work: Path) -
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    receiver.check(run_dir, slices * len(studies))
+    if not receiver.check_while_running:
+        receiver.check(run_dir, slices * len(studies))
     shutil.rmtree(run_dir, ignore_errors=True)
     return Run(receiver.name, len(studies), slices * len(studies) / elapsed, peak[0] / 1024)
 
@@ -409,6 +449,7 @@ def main(args: argparse.Namespace) -> Table:
     one_process, one_check = ctdx(1, args.database_url)
     two_process, two_check = ctdx(2, args.database_url)
     plain_receive, plain_check = ctdx(1, args.database_url, fast_receive=False)
+    orthanc_start, orthanc_check = orthanc()
     receivers = {
         "storescp default": Receiver("storescp default", storescp(False)),
         "storescp +B": Receiver("storescp +B", storescp(True)),
@@ -417,11 +458,14 @@ def main(args: argparse.Namespace) -> Table:
         "ctdx scp --processes 2": Receiver("ctdx scp --processes 2", two_process, two_check),
         "pynetdicom no-op (reference)": Receiver("pynetdicom no-op (reference)",
                                                  pynetdicom_reference),
+        ORTHANC: Receiver(ORTHANC, orthanc_start, orthanc_check, check_while_running=True),
     }
     table = Table()
     for round_number in range(1, args.rounds + 1):
         for senders in args.senders:
             names = ["storescp default", "storescp +B", "ctdx scp", PLAIN]
+            if shutil.which("Orthanc") is not None:
+                names.append(ORTHANC)
             if senders > 1:
                 names.append("ctdx scp --processes 2")
             names += ["pynetdicom no-op (reference)", FLOOR]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -51,6 +52,7 @@ __all__ = [
     "LINGER_SECONDS",
     "MAX_ASSOCIATE_RQ",
     "ConnectionEnded",
+    "QuietLog",
     "Refusal",
     "abort_pdu",
     "limit_reached",
@@ -80,6 +82,33 @@ SERVICE_USER, SERVICE_PROVIDER_ACSE, SERVICE_PROVIDER_PRESENTATION = 0x01, 0x02,
 CONTEXT_NAME_NOT_SUPPORTED, CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x02, 0x03, 0x07
 PROTOCOL_VERSION_NOT_SUPPORTED = 0x02
 LOCAL_LIMIT_EXCEEDED = 0x02
+
+
+class QuietLog:
+    """At most ``burst`` lines per ``window`` seconds; then one line saying how many were
+    left out (a peer opening thousands of bad connections must not fill the disk)."""
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        self.burst = burst
+        self.window = window
+        self._lock = threading.Lock()
+        self._start = time.monotonic()
+        self._count = 0
+
+    def __call__(self, level: int, message: str, *args: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._start >= self.window:
+                dropped = self._count - self.burst
+                if dropped > 0:
+                    logger.warning("%d more connection(s) refused or closed before association "
+                                   "in the last %.0f s (not logged one by one)",
+                                   dropped, now - self._start)
+                self._start, self._count = now, 0
+            self._count += 1
+            if self._count > self.burst:
+                return
+        logger.log(level, message, *args)
 
 
 class ConnectionEnded(Exception):

@@ -64,6 +64,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from scp.acceptor import (
     MAX_ASSOCIATE_RQ,
     ConnectionEnded,
+    QuietLog,
     Refusal,
     limit_reached,
     parse_associate_rq,
@@ -610,12 +611,14 @@ class _RequestHandler(RequestHandler):
             if release is None:
                 raise limit_reached()
         except Refusal as exc:
-            logger.warning("connection from %s: %s; answered %s", peer, exc, exc.kind)
+            self.server.quiet_log(logging.WARNING, "connection from %s: %s; answered %s",
+                                  peer, exc, exc.kind)
             refuse(sock, exc)
             return None
         except (ConnectionEnded, OSError, ValueError) as exc:
             reason = exc if isinstance(exc, ConnectionEnded) else type(exc).__name__
-            logger.info("connection from %s closed before association: %s", peer, reason)
+            self.server.quiet_log(logging.INFO, "connection from %s closed before association: "
+                                  "%s", peer, reason)
             self.server.shutdown_request(sock)
             return None
         return request, release
@@ -653,6 +656,7 @@ class ListenerServer(ThreadedAssociationServer):
         kwargs.setdefault("request_handler", _RequestHandler)
         super().__init__(*args, **kwargs)
         self.slots = _Slots(limits or ConnectionLimits(self.ae.maximum_associations))
+        self.quiet_log = QuietLog()  # what happens before association, rate-limited
 
     def server_bind(self) -> None:
         if self._reuse_port and self.socket is not None:
@@ -671,7 +675,8 @@ class ListenerServer(ThreadedAssociationServer):
         peer = str(client_address[0])
         refused = self.slots.enter_pending(peer)
         if refused is not None:
-            logger.warning("connection from %s closed at once: %s", peer, refused)
+            self.quiet_log(logging.WARNING, "connection from %s closed at once: %s", peer,
+                           refused)
             self.shutdown_request(request)
             return
         try:

@@ -572,3 +572,23 @@ def test_studies_are_stored_between_hostile_connections(listener: ListenerProces
         assert send_files(listener.port, [path]) == [0x0000]
     listener.settle(threads, fds)
     listener.assert_alive()
+
+
+def test_refusals_before_association_are_logged_at_a_bounded_rate(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Thousands of bad connections must not become thousands of log lines."""
+    import logging
+
+    from scp.acceptor import QuietLog
+
+    quiet = QuietLog(burst=3, window=10.0)
+    caplog.set_level(logging.INFO, logger="scp.acceptor")
+    for number in range(5):
+        quiet(logging.WARNING, "refused %d", number)
+    assert [r.getMessage() for r in caplog.records] == ["refused 0", "refused 1", "refused 2"]
+    caplog.clear()
+    quiet._start -= 10.0  # the window has passed
+    quiet(logging.WARNING, "refused %d", 5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 more connection(s) refused or closed before association in the last 10 s "
+        "(not logged one by one)", "refused 5"]
