@@ -58,7 +58,9 @@ def parse_step(ds: Dataset) -> StepReport:
     """Read the three facts; raises :class:`Rejected` when the data set cannot be decoded."""
     try:
         raw_status = ds.get("PerformedProcedureStepStatus")
-        status = str(raw_status).strip().upper() if raw_status else None
+        # CS: upper case; only leading and trailing spaces (and a NUL pad) are insignificant.
+        # Case is not folded: "in progress" is no Defined Term (PS3.4 F.7.2.1 wants 0x0106)
+        status = None if raw_status in (None, "") else str(raw_status).strip(" \x00")
         study_uid = None
         for item in _sequence(ds, "ScheduledStepAttributesSequence"):
             candidate = str(item.get("StudyInstanceUID", "") or "").strip("\x00 ")

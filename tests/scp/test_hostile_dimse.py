@@ -576,3 +576,57 @@ def test_implicit_vr_structure_is_walked(scp_sqlite: Running, tmp_path: Path) ->
         assert status_of(assoc.send_c_store(bad_path)) == 0xC210
         assert status_of(assoc.send_c_store(good_path)) == 0x0000
     _assert_stored_exactly(scp_sqlite, {str(ds.SOPInstanceUID): _data_set_bytes(good_path)})
+
+
+# --- MPPS (PS3.4 Annex F) ------------------------------------------------------------------------
+
+def _step(status: str | None) -> Dataset:
+    ds = Dataset()
+    if status is not None:
+        ds.PerformedProcedureStepStatus = status
+    step = Dataset()
+    step.StudyInstanceUID = generate_uid()
+    ds.ScheduledStepAttributesSequence = pydicom.Sequence([step])
+    ds.Modality = "CT"
+    return ds
+
+
+N_CREATE_STATUSES = [
+    ("IN PROGRESS", 0x0000),
+    ("COMPLETED", 0x0106),
+    ("DISCONTINUED", 0x0106),
+    ("in progress", 0x0106),
+    ("In Progress", 0x0106),
+    ("SCHEDULED", 0x0106),
+    ("IN PROGRESS\\COMPLETED", 0x0106),
+    ("", 0x0120),
+    (None, 0x0120),
+]
+
+
+def test_mpps_statuses_follow_annex_f(scp_sqlite: Running) -> None:
+    """N-CREATE must start IN PROGRESS (F.7.2.1: else 0x0106, absent 0x0120); N-SET may only
+    set the three Defined Terms (else 0x0106) and only while IN PROGRESS (0x0110)."""
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+
+    previous = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        with associate(scp_sqlite.port) as assoc:
+            for value, expected in N_CREATE_STATUSES:
+                status, _ = assoc.send_n_create(_step(value), ModalityPerformedProcedureStep,
+                                                generate_uid())
+                assert (value, int(status.Status)) == (value, expected)
+            uid = generate_uid()
+            assert assoc.send_n_create(_step("IN PROGRESS"), ModalityPerformedProcedureStep,
+                                       uid)[0].Status == 0x0000
+            for value in ("completed", "SCHEDULED", "IN PROGRESS\\COMPLETED"):
+                status, _ = assoc.send_n_set(_step(value), ModalityPerformedProcedureStep, uid)
+                assert (value, int(status.Status)) == (value, 0x0106)
+            assert assoc.send_n_set(_step("DISCONTINUED"), ModalityPerformedProcedureStep,
+                                    uid)[0].Status == 0x0000
+            assert assoc.send_n_set(_step("IN PROGRESS"), ModalityPerformedProcedureStep,
+                                    uid)[0].Status == 0x0110
+            assert assoc.is_established
+    finally:
+        pydicom.config.settings.writing_validation_mode = previous
