@@ -116,9 +116,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """The validation document (see docs/cli-json.md). Needs at least one usable study."""
     if not cases:
+        reasons = Counter(str(e.reason) for e in excluded)
         raise ValidationError(
             f"none of the {truth_rows} studies in the truth file is analysed by "
-            f"{model.label()}; {len(excluded)} excluded (run with --format json to see why)")
+            f"{model.label()}; excluded: "
+            + ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())))
     truth = np.array([c.truth == POSITIVE for c in cases])
     scores = np.array([c.fraction_covid19 for c in cases], dtype=np.float64)
     reported = binary_table(truth, np.array([c.decision == POSITIVE for c in cases]))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from sqlalchemy import Engine
 
 from db.session import session_scope
 from db.settings import Settings
+from db.validation_db import StudyThreshold, study_threshold
 from worker import claim as claims
 from worker.errors import TRANSIENT_ERRORS, AnalysisError
 from worker.loading import order_series
@@ -99,13 +100,18 @@ def process_study_version(
             timings["selection_and_headers"] = round(time.perf_counter() - start, 4)
             from worker.pipeline import analyse_series  # torch: not at import
 
-            analysed = analyse_series(series, models, settings)
+            point = _threshold(engine, settings, models)
+            analysed = analyse_series(
+                series, models, settings.model_copy(update={"covid_threshold": point.threshold})
+            )
             timings.update(analysed.timings)
             if keeper.lost.is_set():
                 raise ClaimLost(f"analysis {analysis_id} was taken over while running")
             store_results(
                 engine, analysis_id, worker, study_version_id,
-                analysed.study_result(selection), analysed.slice_rows(), timings,
+                replace(analysed.study_result(selection),
+                        operating_point_id=point.operating_point_id),
+                analysed.slice_rows(), timings,
             )
     except ClaimLost as exc:
         logger.error("study version %d: %s; results discarded", study_version_id, exc)
@@ -132,6 +138,13 @@ def process_study_version(
                 analysed.decision_label)
     _publish(engine, analysis_id, settings)
     return ProcessResult(Outcome.ANALYSED, study_version_id, analysis_id, analysed.decision_label)
+
+
+def _threshold(engine: Engine, settings: Settings, models: Models) -> StudyThreshold:
+    """The site's adopted operating point for the model; CTDX_COVID_THRESHOLD overrides it."""
+    with session_scope(engine) as session:
+        return study_threshold(session, models.identity.model_uid, settings.covid_threshold,
+                               "covid_threshold" in settings.model_fields_set)
 
 
 def _fail(

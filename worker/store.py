@@ -64,6 +64,7 @@ class StudyResult:
     threshold: float
     manifestation_counts: Mapping[str, int] | None
     device: str
+    operating_point_id: int | None = None  # the site's adopted operating point, if used
 
 
 def _owned(session: Session, analysis_id: int, worker: str, values: Mapping[str, Any]) -> None:

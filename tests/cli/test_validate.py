@@ -21,10 +21,12 @@ from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from sqlalchemy import select
 
-from db.models import AnalysisState, AuditEntry, OperatingPoint, VersionState
+from db.models import Analysis, AnalysisState, AuditEntry, OperatingPoint, SliceResult, VersionState
 from db.session import make_engine, session_scope
 from tests.cli.conftest import ctdx, flat
 from tests.cli.factories import add_analysis, add_study, add_version, uid
+from tests.cli.test_docs import _fields
+from tests.worker import conftest as worker_conftest
 
 CLASSES = ["covid19", "other_pneumonia", "normal"]
 OTHER_MODEL = uid("model/other")
@@ -185,6 +187,12 @@ def test_run_reports_every_metric_as_sklearn_and_scipy_compute_it(
 
     reasons = {e["key"]: e["reason"] for e in doc["excluded"]}
     assert reasons == built.expected_excluded
+
+    # the JSON is the documented contract (docs/cli-json.md)
+    assert list(doc) == _fields("`ctdx validate run --format json`")
+    assert list(rep["sensitivity"]) == _fields("proportion")
+    assert list(target) == _fields("operating point")
+    assert list(doc["excluded"][0]) == _fields("excluded study")
     assert doc["n_excluded"] == len(built.expected_excluded)
     failed = next(e for e in doc["excluded"] if e["reason"] == "failed")
     assert "no usable CT series" in failed["detail"]
@@ -351,6 +359,8 @@ def test_drift_flags_a_shifted_week_and_not_a_steady_series(db_url: str, tmp_pat
                   "--database-url", db_url)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
+    assert list(doc) == _fields("`ctdx results stats --by week|month`")
+    assert list(doc["periods"][0]) == _fields("period")
     assert doc["baseline"]["positive_rate"] == baseline
     periods = doc["periods"]
     assert [p["studies"] for p in periods] == [n] * 8
@@ -369,7 +379,8 @@ def test_drift_flags_a_shifted_week_and_not_a_steady_series(db_url: str, tmp_pat
     assert periods[6]["period"] in table.output and "DRIFT" in table.output
     months = ctdx("results", "stats", "--by", "month", "-f", "json", "--database-url", db_url)
     assert months.exit_code == 0
-    assert sum(p["studies"] for p in json.loads(months.stdout)["periods"]) == 8 * n + 61  # + the other model's
+    per_month = json.loads(months.stdout)["periods"]
+    assert sum(p["studies"] for p in per_month) == 8 * n + 60 + 1  # + the other model's study
 
 
 def test_drift_without_an_adopted_operating_point_flags_nothing(sqlite_url: str) -> None:
@@ -381,3 +392,178 @@ def test_drift_without_an_adopted_operating_point_flags_nothing(sqlite_url: str)
     assert [p["p_value"] for p in doc["periods"]] == [None, None]
     table = ctdx("results", "stats", "--by", "week", "--database-url", sqlite_url, columns=100)
     assert "no operating point adopted" in table.output
+
+
+# --- the worker uses the adopted threshold; the SR says so --------------------------------
+# Real analyses: phantom slices through the worker. A small random-weight network is made to
+# call chosen slices COVID-19: a first analysis measures each slice's COVID-19 margin, the
+# network's COVID-19 bias is then set in the widest gap between margins, and studies are
+# composed of slices above ("COVID-19 slices") and below it, so their shares are known.
+
+SLICES = 8
+
+
+def _checkpoint(path: Path, bias: float) -> Path:
+    import torch
+
+    from model_train.method.checkpoint import CheckpointMeta, save_checkpoint
+    from model_train.method.networks import build_resnet
+    from model_train.method.preprocess import PreprocessParams
+
+    torch.manual_seed(0)
+    net = build_resnet("resnet18")
+    with torch.no_grad():  # other pneumonia = normal; COVID-19 margins spread 50-fold
+        w = net.fc.weight
+        w[2] = w[1]
+        w[0] = w[1] + 50.0 * (w[0] - w[1])
+        net.fc.bias.copy_(torch.tensor([bias, 0.0, 0.0]))
+    save_checkpoint(path, net, CheckpointMeta.new(
+        "recognition", "resnet18", "test-validation", "0.0.2",
+        training_data={"note": "random weights, tests only"}, preprocess=PreprocessParams(size=64),
+    ))
+    return path
+
+
+def _compose(sources: list[Path], out: Path, name: str) -> list[Path]:
+    """One new axial series of the given slices (new UIDs, positions 2.5 mm apart)."""
+    import pydicom
+
+    out.mkdir(parents=True)
+    study, series = uid(f"composed/{name}"), uid(f"composed/{name}/series")
+    paths = []
+    for i, source in enumerate(sources):
+        ds = pydicom.dcmread(source)
+        sop = uid(f"composed/{name}/{i}")
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.AccessionNumber = f"W-{name}"
+        ds.ImagePositionPatient = [0.0, 0.0, -100.0 + 2.5 * i]
+        ds.SliceLocation = -100.0 + 2.5 * i
+        ds.InstanceNumber = i + 1
+        path = out / f"{sop}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def dsrdump(path: Path) -> str:
+    """dcmtk's reading of an SR, long text values in full."""
+    import subprocess
+
+    from tests.conftest import require_tool
+
+    done = subprocess.run([require_tool("dsrdump"), "-Ec", "+Pl", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "E: " not in done.stderr, done.stderr
+    return done.stdout
+
+
+def test_adopted_threshold_reaches_the_worker_and_the_sr(
+    tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from model_train.phantom import write_phantom_series
+    from tests.report.conftest import dciodvfy
+    from worker import runtime, service
+    from worker.report.publish import build_objects
+
+    Checkpoints, analysis_settings = worker_conftest.Checkpoints, worker_conftest.analysis_settings
+    engine = make_engine(db_url)
+
+    rules = tmp_path / "rules.toml"  # the default rules, but 8-slice series are usable
+    rules.write_text('[[filters]]\nattribute = "modality"\nin = ["CT"]\n'
+                     '[[filters]]\nattribute = "slice_count"\nmin = 4\n')
+
+    def settings_for(checkpoint: Path, **overrides: object) -> Any:
+        return analysis_settings(tmp_path / "data", db_url, Checkpoints(checkpoint, checkpoint),
+                                 rules, manifestation_model=None, precision="fp32",
+                                 **overrides)
+
+    def analyse(settings: Any, paths: list[Path]) -> Analysis:
+        stored = worker_conftest.store_files(engine, tmp_path / "data" / "spool", paths)
+        result = service.process_study_version(engine, settings, runtime.get_models(settings),
+                                               stored.study_version_id)
+        assert result.outcome is service.Outcome.ANALYSED, result
+        with session_scope(engine) as s:
+            analysis = s.get(Analysis, result.analysis_id)
+            assert analysis is not None
+            s.expunge(analysis)
+            return analysis
+
+    # 1. margins of a pool of phantom slices under the unbiased network
+    pool: list[Path] = []
+    for i, kind in enumerate(("covid19", "normal", "other_pneumonia")):
+        pool += write_phantom_series(tmp_path / f"pool{i}", kind, n_slices=SLICES, size=80,
+                                     seed=i).paths
+    import pydicom
+    by_sop = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in pool}
+    calibration = _checkpoint(tmp_path / "calibration.pt", 0.0)
+    margins: dict[str, float] = {}
+    for i in range(3):
+        first = analyse(settings_for(calibration), pool[i * SLICES:(i + 1) * SLICES])
+        with session_scope(engine) as s:
+            for r in s.scalars(select(SliceResult).where(SliceResult.analysis_id == first.id,
+                                                         SliceResult.skipped.is_(False))):
+                margins[r.sop_instance_uid] = float(
+                    np.log(r.p_covid19) - np.log(max(r.p_other_pneumonia, r.p_normal)))
+    ranked = sorted(margins.items(), key=lambda kv: kv[1])
+    assert len(ranked) >= 8, "too few analysed slices in the pool"
+    # the widest gap with at least 4 slices on each side
+    j = max(range(3, len(ranked) - 4), key=lambda k: ranked[k + 1][1] - ranked[k][1])
+    gap = ranked[j + 1][1] - ranked[j][1]
+    assert gap > 0.05, f"margins too close to separate robustly: {ranked}"
+    cut = (ranked[j][1] + ranked[j + 1][1]) / 2
+    low = [by_sop[sop] for sop, _ in ranked[: j + 1]][:4]
+    high = [by_sop[sop] for sop, _ in ranked[j + 1:]][:4]
+    model = _checkpoint(tmp_path / "model.pt", -cut)
+    settings = settings_for(model)
+
+    # 2. a validation set through the worker: COVID-19 studies all COVID-19 slices, the others
+    # half (share 50%) or none; at the paper's 5% the half ones are false positives
+    truth = []
+    for name, slices, klass in (("p1", high + high, "covid19"), ("p2", high[::-1] * 2, "covid19"),
+                                ("n1", high + low, "normal"), ("n2", low + low, "normal"),
+                                ("n3", low[::-1] + high[::-1], "other_pneumonia")):
+        analysis = analyse(settings, _compose(slices, tmp_path / name, name))
+        expected = {"p": 1.0, "n2": 0.0}.get(name[:1] if name != "n2" else name, 0.5)
+        assert analysis.fraction_covid19 == pytest.approx(expected), name
+        assert analysis.threshold == 0.05 and analysis.operating_point_id is None
+        truth.append({"study_instance_uid": uid(f"composed/{name}"), "truth": klass})
+    before = analyse(settings, _compose(low + high, tmp_path / "before", "before"))
+    assert before.decision == "covid19"  # 50% > 5%
+    sr_before = build_objects(engine, before.id, settings)
+    unvalidated = dsrdump(tmp_path / "data" / next(o.path for o in sr_before if o.kind == "sr"))
+    assert "not validated at this site" in unvalidated
+
+    doc, out = run(db_url, tmp_path, Built(truth_rows=truth))
+    assert doc["model"]["model_version"] == "0.0.2" and doc["n_studies"] == 5
+    assert doc["at_target_sensitivity"]["threshold"] == pytest.approx(0.5)
+    assert doc["as_reported"]["specificity"]["value"] == pytest.approx(1 / 3)
+    assert doc["at_target_sensitivity"]["specificity"]["value"] == 1.0
+    assert ctdx("validate", "adopt", str(out), "--database-url", db_url).exit_code == 0
+
+    # 3. the next analysis is called at the adopted 50%, and its SR says on what it rests
+    after = analyse(settings, _compose(low + high, tmp_path / "after", "after"))
+    assert after.fraction_covid19 == pytest.approx(0.5)
+    assert after.threshold == pytest.approx(0.5) and after.decision == "normal"
+    assert after.operating_point_id is not None
+    objects = build_objects(engine, after.id, settings)
+    sr = tmp_path / "data" / next(o.path for o in objects if o.kind == "sr")
+    tree = dsrdump(sr)
+    assert "operating point: COVID-19 above 50.0% of analysed slices" in tree
+    assert "local validation of 5 studies (2 COVID-19)" in tree
+    assert "sensitivity 100.0% (95% CI 34.2%-100.0%)" in tree  # Wilson, 2 of 2
+    errors, _ = dciodvfy(sr)
+    assert not errors, errors
+
+    # 4. CTDX_COVID_THRESHOLD set explicitly still wins, and the log says so
+    caplog.set_level(logging.WARNING, logger="db.validation_db")
+    forced = analyse(settings_for(model, covid_threshold=0.05),
+                     _compose(low + high, tmp_path / "forced", "forced"))
+    assert forced.decision == "covid19" and forced.operating_point_id is None
+    assert any("overrides operating point" in r.getMessage() for r in caplog.records)
+    objects = build_objects(engine, forced.id, settings)
+    tree = dsrdump(tmp_path / "data" / next(o.path for o in objects if o.kind == "sr"))
+    assert "set by configuration (CTDX_COVID_THRESHOLD)" in tree
+    engine.dispose()

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Analysis, AnalysisState, Instance, Series, SliceResult, Study, StudyVersion
+from db.validation_db import operating_point_statement
 from model_train.method.classes import MANIFESTATION_CLASSES, RECOGNITION_CLASSES
 from worker.report.errors import AnalysisNotReportable
 
@@ -68,6 +69,8 @@ class ReportInput:
     finished_at: datetime
     slices: tuple[SliceInfo, ...]
     device: str | None = None  # what ran the networks, e.g. "cpu (2 threads), int8 x86 (...)"
+    # the threshold's origin and the local validation it rests on (db.validation_db)
+    operating_point: str | None = None
 
     @property
     def covid_slices(self) -> tuple[SliceInfo, ...]:
@@ -175,4 +178,5 @@ def load_report_input(session: Session, analysis_id: int) -> ReportInput:
         finished_at=finished_at,
         slices=slices,
         device=analysis.device,
+        operating_point=operating_point_statement(session, analysis.id),
     )

@@ -101,6 +101,7 @@ def algorithm(inp: ReportInput) -> hd.sr.AlgorithmIdentification:
             "study call: COVID-19 when the share of analysed slices classified COVID-19 "
             "is above the threshold (Chen et al. 2021)",
             *([f"inference: {inp.device}"] if inp.device else []),
+            *([inp.operating_point] if inp.operating_point else []),
         ],
         manufacturer=MANUFACTURER,
     )
