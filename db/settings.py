@@ -279,11 +279,12 @@ class Settings(BaseSettings):
     )
     pacs_port: int = Field(104, ge=1, le=65535, description="Port of the PACS.")
     report_outputs: Annotated[tuple[Literal["sr", "sc", "ko"], ...], NoDecode] = Field(
-        ("sr",),
+        ("sr", "sc"),
         min_length=1,
         description=(
             "Comma-separated objects sent to the PACS per analysed study: `sr` (DICOM SR), "
-            "`sc` (Secondary Capture summary image, for PACS that do not display SR), "
+            "`sc` (Secondary Capture summary image: the result as a picture, which every image "
+            "viewer shows; OHIF does not display the SR's content, see docs/viewers.md), "
             "`ko` (Key Object Selection of the key slices); e.g. `sr,sc,ko`."
         ),
     )

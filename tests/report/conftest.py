@@ -71,6 +71,8 @@ def settings_for(data_dir: Path, **overrides: object) -> Settings:
         "export_backoff_seconds": 0.05,
         "export_backoff_max_seconds": 0.2,
         "export_max_attempts": 3,
+        # one object per analysis unless a test names the outputs (the default adds `sc`)
+        "report_outputs": "sr",
     }
     values.update(overrides)
     return load_settings(**values)

@@ -140,22 +140,29 @@ def test_real_series_through_listener_redis_and_celery_worker(
         with session_scope(engine) as session:
             counts = session.scalars(select(Analysis.manifestation_counts)).one()
         assert counts is not None and sum(counts.values()) > 0  # the biased head calls COVID-19
-        [sr_file] = wait_for(pacs.files, timeout=60, message="the SR at the PACS")
+        # the default report outputs: the SR and the summary image
+        files = wait_for(lambda: len(pacs.files()) == 2 and pacs.files(), timeout=60,
+                         message="the SR and the summary image at the PACS")
+        assert isinstance(files, list)
+        modalities = {dcmread(f, stop_before_pixels=True).Modality: f for f in files}
+        assert set(modalities) == {"SR", "OT"}
+        sr_file = modalities["SR"]
         sr = dcmread(sr_file)
         study_uid = dcmread(next((shared_data / "covid-ct-md" / "COVID-19" / "P001").iterdir()),
                             stop_before_pixels=True).StudyInstanceUID
         assert sr.Modality == "SR" and sr.StudyInstanceUID == study_uid
         assert "COVID-19" in dsrdump(sr_file)  # dcmtk parses it and finds the study call
 
-        def delivered() -> Export | None:
+        def delivered() -> dict[str, Export] | None:
             # storescp writes the file before it answers the C-STORE; the worker records the
             # delivery after the answer, so the row may still be pending for a moment
             with session_scope(engine) as session:
-                [export] = session.scalars(select(Export)).all()
-            return export if export.state == "delivered" else None
+                exports = {e.kind: e for e in session.scalars(select(Export))}
+            return exports if {e.state for e in exports.values()} == {"delivered"} else None
 
-        export = wait_for(delivered, timeout=30, message="the export recorded delivered")
-        assert isinstance(export, Export) and export.sop_instance_uid == sr.SOPInstanceUID
+        exports = wait_for(delivered, timeout=30, message="the exports recorded delivered")
+        assert isinstance(exports, dict) and set(exports) == {"sr", "sc"}
+        assert exports["sr"].sop_instance_uid == sr.SOPInstanceUID
     finally:
         pacs.stop()
         engine.dispose()
