@@ -15,7 +15,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from db import migrate
 from tests.conftest import free_port, wait_for
-from tests.scp.conftest import phantom, send_files
+from tests.scp.conftest import Running, associate, phantom, send_files
+from tests.scp.test_tls import Pki, _client, pki  # noqa: F401 (pki: the fixture)
 
 CTDX = [sys.executable, "-c", "from db.cli import main; main()"]
 NETWORK_TIMEOUT = 6.0  # the listener's ACSE time-out is min(30 s, this)
@@ -370,6 +371,17 @@ def test_pending_connections_per_peer_are_bounded(listener: ListenerProcess,
             sock.close()
     good_association(listener.port)
     listener.settle(*baseline)
+
+
+def test_a_silent_tls_client_delays_nobody(start_scp_sqlite: Callable[..., Running],
+                                           pki: Pki) -> None:  # noqa: F811
+    """The TLS handshake runs in the connection's thread, not in the accept loop."""
+    scp = start_scp_sqlite(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=5):  # never says hello
+        started = time.monotonic()
+        with associate(scp.port, tls_args=_client(pki, with_certificate=False)) as assoc:
+            assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assert time.monotonic() - started < 8
 
 
 def _raw_association(port: int) -> socket.socket:
