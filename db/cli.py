@@ -83,7 +83,7 @@ def db_check(database_url: str | None = DatabaseUrlOption) -> None:
 
 def _register_subcommands() -> None:
     """Each package adds its nouns; their modules import heavy libraries lazily."""
-    from db import cli_results, cli_validate
+    from db import cli_results, cli_status, cli_validate
     from db.cli_help import tidy_help
     from model_train import cli as train_cli
     from scp import cli as scp_cli
@@ -98,6 +98,7 @@ def _register_subcommands() -> None:
     cli_spool.register(app)
     worker_cli.register(app)
     cli_results.register(app)
+    cli_status.register(app)
     cli_validate.register(app)
     train_cli.register(app)
 

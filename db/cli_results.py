@@ -18,7 +18,7 @@ import typer
 from rich.text import Text
 
 from db import cli_views as views
-from db import operations, queries
+from db import health, operations, queries
 from db.cli_common import (
     EXIT_NOT_FOUND,
     EXIT_REFUSED,
@@ -30,7 +30,7 @@ from db.cli_common import (
 from db.cli_dates import BadDate, parse_period
 from db.cli_output import ListFormat, make_console, write_csv, write_json
 from db.cli_validate import ByOption, stats_by_period
-from db.models import ExportState, VersionState
+from db.models import ExportState, VersionState, utcnow
 from db.session import session_scope
 from db.validation_db import PeriodUnit
 from model_train.method.classes import RECOGNITION_CLASSES
@@ -305,13 +305,18 @@ def results_stats(
         return stats_by_period(by, start, end, output, database_url)
     with open_database(database_url) as engine, session_scope(engine) as session:
         stats = queries.study_stats(session, since=start, until=end)
+        waiting = health.waiting_now(session, utcnow())  # now, whatever the period
     if output is ListFormat.JSON:
-        write_json(views.stats_json(stats))
+        write_json({**views.stats_json(stats), "waiting": health.waiting_json(waiting)})
     elif output is ListFormat.CSV:
-        write_csv(views.STATS_CSV_FIELDS, views.stats_csv_rows(stats))
+        write_csv(views.STATS_CSV_FIELDS, views.stats_csv_rows(stats) + [
+            {"section": "waiting", "key": k, "value": v}
+            for k, v in health.waiting_json(waiting).items()
+        ])
     else:
         console = make_console()
         console.print(views.stats_view(console, stats))
+        console.print(health.waiting_text(waiting))
 
 
 # --- studies --------------------------------------------------------------------------

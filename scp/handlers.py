@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from db.models import utcnow
 from db.session import session_scope
 from scp import completion, mpps, registry
+from scp import metrics as scp_metrics
 from scp.command_check import check_context, check_store_command
 from scp.receive import MISSING_UID, discard_unclaimed
 from scp.status import Rejected, Status, status_dataset
@@ -146,6 +147,7 @@ def store_received(
 ) -> int | Dataset:
     """C-STORE: durable on disk and in the database before success (see :mod:`scp.store`)."""
     lease = ctx.associations.lease_for(assoc)
+    size = scp_metrics.file_size(received)  # before the store moves it
     try:
         result = ctx.store.store(
             received, transfer_syntax_uid, sop_class_uid, sop_instance_uid, lease
@@ -155,7 +157,9 @@ def store_received(
             "C-STORE from %s refused with 0x%04X: %s (SOP Instance UID %s)",
             lease.calling_ae_title, int(exc.status), exc.reason, _uid_for_log(sop_instance_uid),
         )
+        scp_metrics.observe_store(int(exc.status), size)
         return status_dataset(exc.status, exc.reason)
+    scp_metrics.observe_store(int(Status.SUCCESS), size)
     if result.outcome is Outcome.DUPLICATE:
         logger.info(
             "C-STORE from %s: instance %s already stored with identical bytes (kept once)",
@@ -238,13 +242,18 @@ def handle_accepted(event: Event, ctx: ListenerContext) -> None:
     )
 
 
-def handle_rejected(event: Event) -> None:
+def reject_reason(event: Event) -> str:
+    """Why an association was rejected, in words (a short, fixed text)."""
     primitive: Any = event.assoc.acceptor.primitive
     key = (int(getattr(primitive, "result_source", 0) or 0),
            int(getattr(primitive, "diagnostic", 0) or 0))
+    return _REJECT_REASONS.get(key, f"source/reason {key}")
+
+
+def handle_rejected(event: Event) -> None:
     logger.warning(
         "association from %s at %s rejected: %s", _calling_ae(event.assoc),
-        event.assoc.requestor.address, _REJECT_REASONS.get(key, f"source/reason {key}"),
+        event.assoc.requestor.address, reject_reason(event),
     )
 
 
@@ -291,4 +300,5 @@ def event_handlers(ctx: ListenerContext) -> list[tuple[Any, ...]]:
         (evt.EVT_ABORTED, handle_aborted),
         (evt.EVT_ACSE_RECV, handle_release_request, [ctx]),
         (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
+        *scp_metrics.event_bindings(),
     ]

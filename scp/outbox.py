@@ -11,22 +11,32 @@ A crash between the send and the mark re-sends the same version with the
 same task id after restart. That duplicate is harmless by contract: the worker
 claims a version idempotently (one analysis per version and model) and drops a
 task whose version is already being, or has been, processed.
+
+The dispatcher also reconciles (:mod:`worker.reconcile`): every few seconds it
+publishes again the versions the broker lost (queued but never claimed, or
+claimed by a worker whose heartbeat stopped), leaves the listener's heartbeat
+for ``ctdx status``, and says once, as a warning, when the broker is
+unreachable at start or when studies wait in the outbox longer than
+``CTDX_OUTBOX_ALERT_SECONDS``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from kombu.exceptions import KombuError
-from sqlalchemy import Engine, Table, select, update
+from sqlalchemy import Engine, Table, func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import OutboxEntry, StudyVersion, VersionState, utcnow
+from db.models import OutboxEntry, ServiceKind, StudyVersion, VersionState, utcnow
 from db.session import session_scope
 from db.settings import Settings
+from scp.metrics import listener_metrics
+from worker.reconcile import PublishFailed, ServiceBeat, reconcile_interval, republish_stalled
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +53,7 @@ _OUTBOX: Table = OutboxEntry.__table__  # type: ignore[assignment]
 _VERSIONS: Table = StudyVersion.__table__  # type: ignore[assignment]
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(PublishFailed):
     """The broker did not take the message; the outbox keeps it."""
 
 
@@ -73,6 +83,15 @@ class CelerySender:
                 retry=True,
                 retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
             )
+        except (KombuError, OSError) as exc:
+            raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def probe(self, timeout: float = 5.0) -> None:
+        """Connect to the broker once; :class:`BrokerUnavailable` when it does not answer."""
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
+                                       timeout=timeout)
         except (KombuError, OSError) as exc:
             raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -123,17 +142,50 @@ def mark_failed(session: Session, entry: DueEntry, error: str, retry_at: datetim
     )
 
 
-class OutboxDispatcher:
-    """Hands due outbox rows to a :class:`Sender`; one per listener installation."""
+def oldest_waiting(session: Session) -> tuple[int, datetime | None]:
+    """Undispatched rows and the creation time of the oldest (the outbox's depth and age)."""
+    row = session.execute(
+        select(func.count(), func.min(_OUTBOX.c.created_at)).where(
+            _OUTBOX.c.dispatched_at.is_(None)
+        )
+    ).one()
+    oldest = row[1]
+    if oldest is not None and oldest.tzinfo is None:  # SQLite returns naive UTC via Core
+        from datetime import UTC
 
-    def __init__(self, engine: Engine, sender: Sender, retry_seconds: float) -> None:
+        oldest = oldest.replace(tzinfo=UTC)
+    return int(row[0] or 0), oldest
+
+
+class OutboxDispatcher:
+    """Hands due outbox rows to a :class:`Sender`; one per listener installation.
+
+    With ``settings`` it also reconciles (see the module docstring) every
+    :func:`worker.reconcile.reconcile_interval` seconds.
+    """
+
+    def __init__(
+        self, engine: Engine, sender: Sender, retry_seconds: float,
+        settings: Settings | None = None,
+    ) -> None:
         self.engine = engine
         self.sender = sender
         self.retry_seconds = retry_seconds
+        self.settings = settings
         self._broker_down = False  # log the outage once, not at every retry
+        self._probed = False
+        self._backlog_warned = False
+        self._next_reconcile = 0.0
+        self._beat = ServiceBeat(engine, ServiceKind.LISTENER) if settings is not None else None
 
     def dispatch_due(self) -> int:
         """Send every due row; stop at the first broker failure. Returns how many were sent."""
+        if not self._probed:
+            self._probed = True
+            self._probe_broker()
+        if self.settings is not None and time.monotonic() >= self._next_reconcile:
+            self._next_reconcile = time.monotonic() + reconcile_interval(self.settings)
+            self.reconcile()
         with session_scope(self.engine) as session:
             entries = due_entries(session, utcnow())
         sent = 0
@@ -151,12 +203,57 @@ class OutboxDispatcher:
                     entry.study_version_id, entry.attempts + 1, exc,
                 )
                 self._broker_down = True
+                listener_metrics().broker_up.set(0)
                 break
             if self._broker_down:
                 logger.info("broker reachable again; sending the outbox")
                 self._broker_down = False
+            listener_metrics().broker_up.set(1)
             with session_scope(self.engine) as session:
                 mark_dispatched(session, entry, utcnow())
             logger.info("study version id %d handed to the queue", entry.study_version_id)
+            listener_metrics().dispatched.inc()
             sent += 1
         return sent
+
+    def _probe_broker(self) -> None:
+        probe = getattr(self.sender, "probe", None)
+        if not callable(probe):
+            return
+        try:
+            probe()
+        except BrokerUnavailable as exc:
+            self._broker_down = True
+            listener_metrics().broker_up.set(0)
+            logger.warning(
+                "broker unreachable at start (%s): completed studies will wait in the outbox "
+                "until it answers; check CTDX_BROKER_URL and that Redis runs", exc,
+            )
+            return
+        listener_metrics().broker_up.set(1)
+
+    def reconcile(self) -> None:
+        """Heartbeat, the backlog warning, and publishing again what the broker lost."""
+        settings = self.settings
+        assert settings is not None and self._beat is not None
+        self._beat.beat()
+        with session_scope(self.engine) as session:
+            waiting, oldest = oldest_waiting(session)
+        age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+        if age > settings.outbox_alert_seconds and not self._backlog_warned:
+            self._backlog_warned = True
+            logger.warning(
+                "%d completed study version(s) wait in the outbox, the oldest for %.0f s: the "
+                "broker does not take them (check CTDX_BROKER_URL and Redis; ctdx status)",
+                waiting, age,
+            )
+        elif age <= settings.outbox_alert_seconds and self._backlog_warned:
+            self._backlog_warned = False
+            logger.info("outbox backlog cleared (%d waiting)", waiting)
+        if self._broker_down:
+            return  # republishing needs the broker; the outbox retries as usual
+        for item in republish_stalled(
+            self.engine, self.sender.send, settings.claim_timeout, settings.queued_timeout
+        ):
+            if item.sent:
+                listener_metrics().republished.labels(reason=item.reason).inc()

@@ -55,6 +55,7 @@ from db.models import utcnow
 from db.session import make_engine, session_scope
 from db.settings import Settings
 from scp import completion, registry
+from scp import metrics as scp_metrics
 from scp.fastpath import FastStoreConfig
 from scp.handlers import Associations, ListenerContext, event_handlers, store_received
 from scp.outbox import CelerySender, OutboxDispatcher, Sender
@@ -370,7 +371,9 @@ class ScpService:
         if self.primary:
             sender = self._sender or CelerySender(self.settings)
             self._sender = sender
-            dispatcher = OutboxDispatcher(self.engine, sender, self.settings.outbox_poll_seconds)
+            dispatcher = OutboxDispatcher(
+                self.engine, sender, self.settings.outbox_poll_seconds, settings=self.settings
+            )
             self._dispatch_loop = _Loop(
                 "ctdx-outbox", dispatcher.dispatch_due, self.settings.outbox_poll_seconds
             )
@@ -462,6 +465,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     )
     require_head(engine)
     recover(settings, engine)
+    scp_metrics.start(settings)  # before secondaries start: they inherit its directory
     multi = settings.listener_processes > 1
     spawn = multiprocessing.get_context("spawn")
     children: list[Any] = []

@@ -29,6 +29,10 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "CTDX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("CTDX_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# Services started by tests serve no metrics unless a test asks (on a free port): the defaults
+# 9108/9109 would collide between tests running in parallel.
+os.environ.setdefault("CTDX_METRICS_PORT", "0")
+os.environ.setdefault("CTDX_WORKER_METRICS_PORT", "0")
 
 
 def free_port() -> int:

@@ -13,12 +13,16 @@ Broker URLs:
 
 Signals (handlers import lazily; see ``worker.runtime``): logging is ours
 (``db.logs``, no PHI), the main process refuses a database that is not at the
-migrations' head, and each pool process loads the models once.
+migrations' head, and each pool process loads the models once. The main
+process also serves the worker's metrics (``worker.metrics``) and, once the
+pool runs, reconciles from the database (``worker.reconcile``): its
+heartbeat, study versions the broker lost, analyses without reports.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -101,20 +105,59 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Main process, before the pool starts: check the database, remember the concurrency."""
-    from worker import runtime
+    """Main process, before the pool starts: check the database, remember the concurrency,
+    serve the metrics (the pool processes inherit the metrics directory)."""
+    from worker import metrics, runtime
 
     settings: Settings = app.conf.ctdx_settings
     runtime.on_worker_init(settings, concurrency=getattr(sender, "concurrency", None))
+    metrics.start(settings)
 
 
 def _on_worker_process_init(**_: Any) -> None:
     """Each pool process (prefork child, or the solo worker): load the models once."""
-    from worker import runtime
+    from worker import metrics, runtime
+    from worker.errors import WorkerNotReady
 
-    runtime.on_process_init(app.conf.ctdx_settings)
+    settings: Settings = app.conf.ctdx_settings
+    runtime.on_process_init(settings)
+    try:
+        metrics.observe_model(runtime.get_models(settings))
+    except WorkerNotReady:
+        pass  # logged by on_process_init; the first task tries again
+
+
+def _on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
+    from db.metrics import process_exited
+
+    process_exited(pid or os.getpid())
+
+
+_reconciler: list[Any] = []  # (WorkerReconciler, its thread) of this main process
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Main process, pool running: reconcile from the database (``worker.reconcile``)."""
+    from worker.reconcile import WorkerReconciler
+
+    settings: Settings = app.conf.ctdx_settings
+    consumed = list(getattr(getattr(sender, "app", app).amqp.queues, "consume_from", None) or [])
+    queue = consumed[0] if consumed else QUEUE
+    reconciler = WorkerReconciler(settings, queue, detail={"queues": consumed or [QUEUE]})
+    _reconciler[:] = [reconciler, reconciler.start()]
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    if _reconciler:
+        reconciler, thread = _reconciler
+        thread.stop()
+        reconciler.close()
+        _reconciler.clear()
 
 
 signals.setup_logging.connect(_setup_logging, weak=False)
 signals.worker_init.connect(_on_worker_init, weak=False)
 signals.worker_process_init.connect(_on_worker_process_init, weak=False)
+signals.worker_process_shutdown.connect(_on_worker_process_shutdown, weak=False)
+signals.worker_ready.connect(_on_worker_ready, weak=False)
+signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)

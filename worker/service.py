@@ -26,12 +26,15 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
+from db.models import StudyVersion, utcnow
 from db.session import session_scope
 from db.settings import Settings
 from db.validation_db import StudyThreshold, study_threshold
 from worker import claim as claims
+from worker import metrics as worker_metrics
 from worker.errors import TRANSIENT_ERRORS, AnalysisError
 from worker.loading import order_series
 from worker.series_selection import Selection, load_rules, select_series
@@ -73,6 +76,19 @@ def process_study_version(
     worker: str | None = None,
 ) -> ProcessResult:
     """Analyse ``study_version_id`` unless it is done or held; idempotent."""
+    worker_metrics.observe_model(models)
+    result = _process_study_version(engine, settings, models, study_version_id, worker)
+    worker_metrics.observe_analysis(result.outcome.value)
+    return result
+
+
+def _process_study_version(
+    engine: Engine,
+    settings: Settings,
+    models: Models,
+    study_version_id: int,
+    worker: str | None,
+) -> ProcessResult:
     worker = worker or claims.new_worker_identity()
     try:
         with session_scope(engine) as session:
@@ -88,6 +104,7 @@ def process_study_version(
         return ProcessResult(Outcome.BUSY, study_version_id, got.analysis_id, got.worker or "")
     assert got.analysis_id is not None
     analysis_id = got.analysis_id
+    _observe_queue_wait(engine, study_version_id)
 
     selection: Selection | None = None
     timings: dict[str, float] = {}
@@ -105,6 +122,7 @@ def process_study_version(
                 series, models, settings.model_copy(update={"covid_threshold": point.threshold})
             )
             timings.update(analysed.timings)
+            worker_metrics.observe_stages(timings)
             if keeper.lost.is_set():
                 raise ClaimLost(f"analysis {analysis_id} was taken over while running")
             store_results(
@@ -145,6 +163,19 @@ def _threshold(engine: Engine, settings: Settings, models: Models) -> StudyThres
     with session_scope(engine) as session:
         return study_threshold(session, models.identity.model_uid, settings.covid_threshold,
                                "covid_threshold" in settings.model_fields_set)
+
+
+def _observe_queue_wait(engine: Engine, study_version_id: int) -> None:
+    """Completion to claim, for ``ctdx_queue_wait_seconds`` (metrics never fail a study)."""
+    try:
+        with session_scope(engine) as session:
+            completed = session.scalar(
+                select(StudyVersion.completed_at).where(StudyVersion.id == study_version_id)
+            )
+    except SQLAlchemyError:
+        return
+    if completed is not None:
+        worker_metrics.observe_queue_wait((utcnow() - completed).total_seconds())
 
 
 def _fail(

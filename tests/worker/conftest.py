@@ -187,6 +187,7 @@ def analysis_settings(
         data_dir=data_dir, database_url=database_url, broker_url="memory://",
         model=checkpoints.recognition, manifestation_model=checkpoints.manifestation,
         series_rules=rules, batch_size=8, claim_timeout=30, device="cpu",
+        metrics_port=0, worker_metrics_port=0,  # never the defaults: tests run in parallel
     )
     values.update(overrides)
     return load_settings(**values)
@@ -196,7 +197,8 @@ def _env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTDX_")}
     for name in ("data_dir", "database_url", "broker_url", "model", "manifestation_model",
                  "series_rules", "batch_size", "claim_timeout", "task_time_limit", "device",
-                 "min_lung_fraction", "pacs_ae_title", "pacs_host", "pacs_port"):
+                 "min_lung_fraction", "pacs_ae_title", "pacs_host", "pacs_port",
+                 "metrics_port", "worker_metrics_port", "queued_timeout"):
         value = getattr(settings, name)
         if value is not None:
             env[f"CTDX_{name.upper()}"] = str(value)
