@@ -2,24 +2,40 @@
 
 Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
 built from validated UIDs only (:mod:`scp.uids`). pynetdicom streams each
-received data set into a temporary file in ``<spool>/.incoming`` (same file
-system, see :mod:`scp.receive`). :meth:`Spool.link_new` gives it its final
-name atomically (never replacing another file), :meth:`Spool.seal` hashes and
-fsyncs it, :meth:`Spool.sync_directory` makes the name durable; a crash leaves
+received data set into a temporary file in this process's own folder under
+``<spool>/.incoming`` (same file system, see :mod:`scp.receive`).
+:meth:`Spool.link_new` gives it its final name atomically (never replacing
+another file), :meth:`Spool.seal` hashes and fsyncs it,
+:meth:`Spool.sync_directory` makes the name durable; a crash leaves
 either the whole instance or nothing under its final name. :meth:`Spool.place`
 (atomic replace) is the slow path when a file is already there.
 The bytes are written as they came: no decode, no re-encode.
+
+Several listener processes may share one spool (the processes of one
+listener, ``CTDX_LISTENER_PROCESSES``; or listeners on several hosts over a
+shared file system): each process receives into its own folder
+``.incoming/<host>.<pid>.<random>/`` and holds an exclusive ``flock`` on the
+lock file ``.incoming/<same name>.lock`` while it lives. Clean-up
+(:meth:`Spool.clear_incoming`, at start-up and periodically) deletes the
+folders whose lock it can take (their owner is gone), and in folders of live
+owners only files untouched for longer than a transfer may stay idle; so a
+second listener started on the same data directory by mistake never deletes
+the first one's transfers in flight.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import shutil
+import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +49,10 @@ INCOMING_DIR = ".incoming"
 UNINDEXED_DIR = ".unindexed"  # acknowledged instances whose row is not written yet
 CONFLICTS_DIR = ".conflicts"  # acknowledged copies that lost a concurrent duplicate race
 _CHUNK = 1 << 20
+_LOCK_SUFFIX = ".lock"
+#: A folder under .incoming without its lock file is being created or removed by someone;
+#: one this old is a leftover.
+_ORPHAN_FOLDER_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -72,14 +92,40 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = root.absolute()
-        self.incoming = self.root / INCOMING_DIR
+        self.incoming_root = self.root / INCOMING_DIR
         self.unindexed = self.root / UNINDEXED_DIR
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
+        self._incoming: Path | None = None
+
+    @property
+    def incoming(self) -> Path:
+        """This process's folder for data sets being received (created and locked on first use)."""
+        with self._lock:
+            if self._incoming is None:
+                self._incoming = self._own_incoming()
+            return self._incoming
+
+    def _own_incoming(self) -> Path:
+        self.incoming_root.mkdir(parents=True, exist_ok=True)
+        host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
+        while True:
+            name = f"{host}.{os.getpid()}.{secrets.token_hex(4)}"
+            lock_path = self.incoming_root / f"{name}{_LOCK_SUFFIX}"
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_inode(fd, lock_path):  # not swept in the instant before we locked it
+                break
+            os.close(fd)
+        folder = self.incoming_root / name
+        folder.mkdir()
+        fsync_directory(self.incoming_root)
+        weakref.finalize(self, os.close, fd)  # the lock lasts as long as this spool
+        return folder
 
     def prepare(self) -> None:
         """Create the spool and its incoming folder (idempotent)."""
-        for path in (self.root, self.incoming, self.unindexed):
+        for path in (self.root, self.incoming_root, self.unindexed):
             if not path.is_dir():
                 path.mkdir(parents=True, exist_ok=True)
                 fsync_directory(path.parent)
@@ -291,23 +337,85 @@ class Spool:
     def clear_incoming(self, older_than_seconds: float = 0.0) -> int:
         """Delete temporary files left by interrupted transfers; returns how many.
 
-        At start-up every file there is a leftover (``older_than_seconds=0``);
-        while running, only files untouched for longer than an association may
-        stay idle are (a live transfer writes to its file at every PDU).
+        Folders of processes that are gone (their lock is free) go whole. In
+        folders of live processes (this one's included) only files untouched for
+        longer than ``older_than_seconds`` go, and none when it is 0 (start-up:
+        another listener on the same spool may be receiving). Files directly in
+        ``.incoming`` (left by an older version) go when older than the cut-off.
         """
         cutoff = time.time() - older_than_seconds
         removed = 0
         try:
-            entries = list(os.scandir(self.incoming))
+            entries = list(os.scandir(self.incoming_root))
         except FileNotFoundError:
             return 0
+        names = {entry.name for entry in entries}
         for entry in entries:
             try:
-                if entry.is_file() and entry.stat().st_mtime <= cutoff:
+                if entry.name.endswith(_LOCK_SUFFIX):
+                    removed += self._clear_owned(Path(entry.path), older_than_seconds, cutoff)
+                elif entry.is_dir(follow_symlinks=False):
+                    if (entry.name + _LOCK_SUFFIX not in names
+                            and entry.stat().st_mtime <= time.time() - _ORPHAN_FOLDER_SECONDS):
+                        removed += _remove_folder(Path(entry.path))
+                elif entry.is_file() and entry.stat().st_mtime <= cutoff:
                     os.unlink(entry.path)
                     removed += 1
             except FileNotFoundError:
                 continue
         if removed:
-            logger.info("removed %d interrupted transfer file(s) from %s", removed, self.incoming)
+            logger.info("removed %d interrupted transfer file(s) from %s", removed,
+                        self.incoming_root)
         return removed
+
+    def _clear_owned(self, lock_path: Path, older_than_seconds: float, cutoff: float) -> int:
+        folder = lock_path.with_name(lock_path.name[: -len(_LOCK_SUFFIX)])
+        fd = os.open(lock_path, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its owner lives: only files idle for too long
+                if older_than_seconds <= 0:
+                    return 0
+                return _remove_files(folder, cutoff)
+            if not _same_inode(fd, lock_path):
+                return 0  # removed by another sweeper meanwhile
+            removed = _remove_folder(folder)
+            lock_path.unlink(missing_ok=True)
+            return removed
+        finally:
+            os.close(fd)
+
+
+def _same_inode(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _remove_files(folder: Path, cutoff: float) -> int:
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime <= cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def _remove_folder(folder: Path) -> int:
+    removed = _remove_files(folder, float("inf"))
+    try:
+        folder.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # something that is no file of ours in it: leave it for a person
+        logger.warning("could not remove %s (%s)", folder, exc.strerror)
+    return removed

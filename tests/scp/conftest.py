@@ -89,7 +89,9 @@ class Running:
         return sorted(p for p in self.spool.rglob("*.dcm") if ".incoming" not in p.parts)
 
     def incoming_files(self) -> list[Path]:
-        return sorted((self.spool / ".incoming").glob("*"))
+        """Temporary files of every process's receive folder (their lock files are not)."""
+        return sorted(p for p in (self.spool / ".incoming").rglob("*")
+                      if p.is_file() and p.suffix != ".lock")
 
 
 def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> Settings:

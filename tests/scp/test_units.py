@@ -133,7 +133,11 @@ def test_spool_links_without_replacing_and_undoes_only_its_own(tmp_path: Path) -
     os.utime(old, (0, 0))
     assert spool.clear_incoming(older_than_seconds=3600) == 1  # only the stale one
     assert not old.exists() and first.exists()
-    assert spool.clear_incoming() == 1  # at start-up everything there is a leftover
+    assert spool.clear_incoming() == 0  # start-up: a live process's files are never touched
+    assert first.exists()
+    legacy = spool.incoming_root / "rx-legacy.dcm"  # an older version's layout
+    legacy.write_bytes(b"x")
+    assert spool.clear_incoming() == 1 and not legacy.exists() and first.exists()
     assert spool.path_of("1.2/3.4/5.6.dcm").exists()  # stored instances are not touched
 
 
