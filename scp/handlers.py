@@ -173,6 +173,10 @@ def handle_mpps_create(event: Event, ctx: ListenerContext) -> tuple[int | Datase
     request: Any = event.request
     uid = str(request.AffectedSOPInstanceUID or "").rstrip("\x00 ")
     try:
+        wrong_context = check_context(str(event.context.abstract_syntax),
+                                      str(request.AffectedSOPClassUID or ""))
+        if wrong_context is not None:
+            raise wrong_context
         if not is_valid_uid(uid):
             raise Rejected(Status.MISSING_ATTRIBUTE, "Affected SOP Instance UID missing or invalid")
         attributes = event.attribute_list
@@ -196,6 +200,10 @@ def handle_mpps_set(event: Event, ctx: ListenerContext) -> tuple[int | Dataset, 
     uid = str(request.RequestedSOPInstanceUID or "").rstrip("\x00 ")
     completed: list[int] = []
     try:
+        wrong_context = check_context(str(event.context.abstract_syntax),
+                                      str(request.RequestedSOPClassUID or ""))
+        if wrong_context is not None:
+            raise wrong_context
         modifications = event.modification_list
         report = mpps.parse_step(modifications)
         if report.status == mpps.COMPLETED:

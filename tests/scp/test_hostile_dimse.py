@@ -630,3 +630,24 @@ def test_mpps_statuses_follow_annex_f(scp_sqlite: Running) -> None:
             assert assoc.is_established
     finally:
         pydicom.config.settings.writing_validation_mode = previous
+
+
+def test_mpps_on_a_storage_context_is_refused(scp_sqlite: Running) -> None:
+    """pynetdicom picks the service by the command's SOP class; the context must agree."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, _step("IN PROGRESS"))
+    encoded = buffer.getvalue()
+    mpps_class = str(ModalityPerformedProcedureStep).encode()
+    n_create = _command([(0x0002, _uid_value(mpps_class)),
+                         (0x0100, struct.pack("<H", 0x0140)),
+                         (0x0110, struct.pack("<H", 1)),
+                         (0x0800, struct.pack("<H", 0x0000)),
+                         (0x1000, _uid_value(generate_uid().encode()))])
+    with raw_peer(scp_sqlite) as peer:
+        assert peer.request(n_create, encoded) == 0x0122
+        assert peer.request(_echo_command(2), None, sop_class=str(Verification)) == 0x0000
