@@ -3,7 +3,8 @@
 A version's instances are every instance of the study received in this
 version or an earlier one: a late series (version 2) is analysed together
 with what came before, and the newest version is the one whose analysis a
-radiologist sees.
+radiologist sees. Earlier versions whose files were pruned from the spool
+(``spool_prunes``, :mod:`scp.retention`) are left out: their files are gone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Series, Study, StudyVersion
+from db.models import Instance, Series, SpoolPrune, Study, StudyVersion
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def load_study_version(session: Session, study_version_id: int, spool_dir: Path)
             Series.study_id == study.id,
             StudyVersion.study_id == study.id,
             StudyVersion.version <= version.version,
+            StudyVersion.id.not_in(select(SpoolPrune.study_version_id)),
         )
         .order_by(Series.series_number, Series.id, Instance.id)
     ).all()

@@ -57,11 +57,12 @@ def send_study(scp: Running, tmp_path: Path, size: int = 64, n_slices: int = 4,
     assert set(send_files(scp.port, list(study.paths))) == {0x0000}
     uid = study.study_instance_uid
 
-    def queued() -> bool:
+    def queued() -> bool:  # the newest version is handed to the (recording) broker
         with session_scope(scp.engine) as s:
             states = s.scalars(select(StudyVersion.state).join(Study)
-                               .where(Study.study_instance_uid == uid)).all()
-        return bool(states) and all(st == "queued" for st in states)
+                               .where(Study.study_instance_uid == uid)
+                               .order_by(StudyVersion.version)).all()
+        return bool(states) and states[-1] == "queued"
 
     wait_for(queued, timeout=60, message=f"study {uid} to be queued")
     with session_scope(scp.engine) as s:
@@ -324,3 +325,24 @@ def test_emergency_cleaning_never_touches_unfinished_studies(
     later = retention.prune(scp.engine, settings)
     assert [s.study_instance_uid for s in later.studies] == [waiting.uid]
     assert not any(waiting.present()) and all(pending.present())
+
+
+def test_a_late_series_after_pruning_is_analysed_without_the_pruned_files(
+    scp: Running, tmp_path: Path
+) -> None:
+    from worker.study import load_study_version
+
+    first = send_study(scp, tmp_path)
+    finish(scp.engine, scp.settings.data_dir, first.uid)
+    assert retention.prune(scp.engine, scp.settings).studies
+    late = send_study(scp, tmp_path, study_instance_uid=first.uid)  # version 2
+    with session_scope(scp.engine) as s:
+        v2 = s.scalar(select(StudyVersion.id).join(Study).where(
+            Study.study_instance_uid == first.uid, StudyVersion.version == 2))
+        assert v2 is not None
+        loaded = load_study_version(s, v2, scp.spool)
+    paths = [i.path for series in loaded.series for i in series.instances]
+    version_2 = set(late.paths) - set(first.paths)  # send_study lists every version's files
+    assert len(version_2) == 4
+    assert sorted(paths) == sorted(p.absolute() for p in version_2)
+    assert all(p.exists() for p in paths)
