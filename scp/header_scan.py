@@ -238,15 +238,39 @@ def scan_header(fp: IO[bytes], implicit: bool, wanted: frozenset[int]) -> RawHea
     values: dict[int, bytes] = {}
     seen: set[int] = set()
     pixel: PixelData | None = None
+    head_unpack, u32_unpack = _HEAD.unpack_from, _U32.unpack_from
+    short_vrs, long_vrs, sequence_tags = _SHORT_VRS, _LONG_VRS, _SEQUENCE_TAGS
     while pos < size:
-        tag, vr, length, value = walker.element(pos, implicit)
+        # the top-level element header, parsed in the read-ahead buffer (the hot loop)
+        off = pos - reader.base
+        buf = reader.buf
+        if off < 0 or off + 12 > len(buf):
+            reader.bytes_at(pos, min(12, size - pos) if size - pos >= 8 else 8)
+            off, buf = pos - reader.base, reader.buf
+        group, elem, length = head_unpack(buf, off)
+        tag = (group << 16) | elem
+        if implicit or group == 0xFFFE:
+            vr: bytes | None = None
+            value = pos + 8
+        else:
+            vr = buf[off + 4 : off + 6]
+            if vr in short_vrs:
+                length >>= 16
+                value = pos + 8
+            elif vr in long_vrs:
+                if off + 12 > len(buf):
+                    raise HeaderError("truncated")
+                length = u32_unpack(buf, off + 8)[0]
+                value = pos + 12
+            else:
+                raise HeaderError("unknown VR")
         if tag in seen:
             raise HeaderError("duplicate element")
+        seen.add(tag)
         if pixel is not None and tag < PIXEL_DATA:
             raise HeaderError("element after Pixel Data out of order")
-        if tag >> 16 == 0xFFFE:
+        if group == 0xFFFE:
             raise HeaderError("item or delimiter outside a sequence")
-        seen.add(tag)
         if tag == PIXEL_DATA:
             if length == _UNDEFINED:
                 fragments, after = walker.fragments(value)
@@ -254,8 +278,15 @@ def scan_header(fp: IO[bytes], implicit: bool, wanted: frozenset[int]) -> RawHea
                 pos = after
                 continue
             pixel = PixelData(pos, vr, length, value, None)
-        elif tag in wanted and length != _UNDEFINED:
-            values[tag] = reader.bytes_at(value, length)
+        elif (length != _UNDEFINED and vr != b"SQ"
+              and not (vr is None and tag in sequence_tags)):
+            end = value + length  # a plain value: step over it
+            if end > size:
+                raise HeaderError("truncated")
+            if tag in wanted:
+                values[tag] = reader.bytes_at(value, length)
+            pos = end
+            continue
         pos = walker.value(tag, vr, length, value, implicit, 0)
     if pos != size:
         raise HeaderError("truncated")

@@ -651,3 +651,28 @@ def test_mpps_on_a_storage_context_is_refused(scp_sqlite: Running) -> None:
     with raw_peer(scp_sqlite) as peer:
         assert peer.request(n_create, encoded) == 0x0122
         assert peer.request(_echo_command(2), None, sop_class=str(Verification)) == 0x0000
+
+
+def test_inflating_streams_with_bounded_memory(tmp_path: Path) -> None:
+    """A data set that inflates to 64 MiB is inflated to disk, never whole in memory."""
+    import tracemalloc
+
+    from scp.deflate import inflated
+
+    meta_only = _with_file_meta(tmp_path / "meta.dcm", b"", "1.2.3",
+                                syntax=DeflatedExplicitVRLittleEndian).read_bytes()
+    big = _element(0x0009, 0x1000, b"OB", b"\x00" * (64 << 20))
+    received = tmp_path / "received.dcm"
+    received.write_bytes(meta_only + _deflate(big))
+    tracemalloc.start()
+    try:
+        with inflated(received) as plain:
+            _, peak = tracemalloc.get_traced_memory()
+            assert plain.stat().st_size == len(meta_only) + len(big)
+            with plain.open("rb") as copy:
+                copy.seek(len(meta_only))
+                assert copy.read(12) == big[:12]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    assert not plain.exists()
