@@ -164,3 +164,25 @@ def test_metrics_port_zero_serves_nothing(tmp_path: Path) -> None:
 
     settings = Settings(data_dir=tmp_path, metrics_port=0, worker_metrics_port=0)
     assert scp_metrics.start(settings) is None and worker_metrics.start(settings) is None
+
+
+def test_dashboard_and_alert_rules_use_only_metrics_ctdx_serves() -> None:
+    """deploy/grafana and deploy/prometheus name no metric that does not exist."""
+    import json
+
+    root = Path(__file__).resolve().parents[2]
+    sources = "".join((root / f).read_text() for f in
+                      ("scp/metrics.py", "worker/metrics.py", "db/metrics.py"))
+    defined = set(re.findall(r'"(ctdx_[a-z_]+)"', sources))
+    dashboard = json.loads((root / "deploy/grafana/ctdx-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = (root / "deploy/prometheus/ctdx-alerts.yml").read_text()  # (no YAML library here)
+    exprs += re.findall(r"^\s+expr: (.+)$", rules, flags=re.MULTILINE)
+    used = {re.sub(r"_(total|bucket|sum|count)$", "", name)
+            for e in exprs for name in re.findall(r"ctdx_[a-z_]+", e)}
+    assert used and used <= defined, used - defined
+    scrape = (root / "deploy/prometheus/prometheus.yml").read_text()
+    ports = set(re.findall(r'"[a-z0-9.-]+:(\d+)"', scrape))
+    defaults = {str(Settings.model_fields[name].default)
+                for name in ("metrics_port", "worker_metrics_port")}
+    assert ports == defaults
