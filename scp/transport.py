@@ -7,9 +7,16 @@ largest, C-STORE requests received and answered on the DUL thread, lives in
 - ``SO_REUSEPORT`` when several listener processes share the port;
 - no ``gc.collect()`` from the accept loop (pynetdicom runs a full collection
   every 60 polls, holding the GIL for tens of milliseconds mid-transfer);
-- the association socket reads a PDU with ``recv_into`` a buffer of the PDU's
-  size instead of 4 kB ``recv`` calls appended to a growing ``bytearray``
-  (a 256 kB P-DATA PDU: 64 system calls and copies become one or two);
+- each connection's A-ASSOCIATE-RQ is read and checked by :mod:`scp.acceptor` in
+  the connection's thread, within the ACSE time-out and at most 64 KiB, before
+  pynetdicom builds the association and is handed the request as if its DUL had
+  read it; :class:`ConnectionLimits` counts associations from that point on and
+  bounds the connections still associating separately;
+- the association socket reads a PDU with ``recv_into`` a reused buffer
+  instead of 4 kB ``recv`` calls appended to a growing ``bytearray`` (a 256 kB
+  P-DATA PDU: 64 system calls and copies become one or two); the buffer grows
+  as bytes arrive, and a PDU longer than the maximum the listener announced is
+  aborted before any of its body is read, so a length field never sizes memory;
 - DIMSE command sets (a dozen group 0000 elements, always implicit VR little
   endian) are encoded by :func:`scp.command_set.encode_command_set` instead of pydicom's
   general writer, which pynetdicom calls twice per message (once to measure
