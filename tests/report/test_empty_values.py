@@ -288,3 +288,30 @@ def test_an_object_that_fails_the_checks_is_not_sent_and_the_cli_says_why(
     table = runner.invoke(app, ["results", "show", study_uid], env=env)
     assert table.exit_code == 0, table.output
     assert "NOT SENT" in table.output and "UID" in table.output
+
+
+def test_the_checks_find_empty_type1_invalid_values_and_empty_content_items(
+    report_engine: Engine, data_dir: Path
+) -> None:
+    """Each check on its own: what a builder bug or a bad copy would put into an object."""
+    paths = edited_series(data_dir, lambda ds: None)
+    analysis_id = analysed_with(report_engine, data_dir, paths)
+    objects = {o.kind: data_dir / o.path for o in build_objects(
+        report_engine, analysis_id, settings_for(data_dir, report_outputs="sr,sc,ko"))}
+
+    sc = pydicom.dcmread(objects["sc"])
+    assert check_object(sc) == []
+    sc.ConversionType = ""  # Type 1 of the SC Equipment module
+    assert "empty Type 1 ConversionType" in check_object(sc)
+
+    ko = pydicom.dcmread(objects["ko"])
+    with validation_mode(pydicom.config.IGNORE):
+        ko.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID = "1.2.03"
+    assert any("invalid UID" in p or "invalid UI" in p for p in check_object(ko))
+
+    sr = pydicom.dcmread(objects["sr"])
+    numbers = [item for element in sr.iterall() if element.keyword == "ContentSequence"
+               for item in element.value if item.get("ValueType") == "NUM"]
+    numbers[0].MeasuredValueSequence = []
+    problems = check_object(sr)
+    assert any("(NUM): no measured value, no qualifier" in p for p in problems), problems

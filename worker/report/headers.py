@@ -57,6 +57,8 @@ TYPE2_COPIED = (
 
 #: Enumerated values of Patient's Sex (PS3.3 C.7.1.1).
 PATIENT_SEX = ("M", "F", "O")
+#: Measures that are unknown, not zero, when a de-identified image says 0 (dciodvfy warns).
+POSITIVE = ("PatientWeight", "PatientSize")
 UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 UTF8 = "ISO_IR 192"
 
@@ -109,6 +111,8 @@ def problem(element: DataElement) -> str | None:
             return "not a valid UID"
     if element.keyword == "PatientSex" and str(value) not in PATIENT_SEX:
         return "not M, F or O"
+    if element.keyword in POSITIVE and not float(value) > 0:
+        return "not positive"
     return None
 
 

@@ -8,7 +8,6 @@ each durably -> record one export per object -> try to deliver at once.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ from worker.report.routing import destination_for
 from worker.report.sr import SrSources, build_sr
 from worker.report.summary import build_summary
 from worker.report.uids import ReportKind, object_uids
-from worker.report.validation import InvalidReportObject, require_valid
+from worker.report.validation import InvalidReportObject, require_valid, scrubbed
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
         except SourceImageMissing:
             raise
         except BUILD_ERRORS as exc:
-            problems.append(f"{kind}: cannot be built ({_scrubbed(exc)})")
+            problems.append(f"{kind}: cannot be built ({scrubbed(exc)})")
             return None
         return dataset
 
@@ -182,12 +181,6 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
 #: What a builder raises on source data it cannot represent (highdicom, pydicom, numpy, PIL).
 BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError,
                 NotImplementedError, RuntimeError, OverflowError, LookupError)
-
-
-def _scrubbed(exc: Exception) -> str:
-    """An exception for the database and the log: quoted values (maybe patient data) removed."""
-    message = re.sub(r"(['\"]).*?\1", "'...'", str(exc).splitlines()[0] if str(exc) else "")
-    return f"{type(exc).__name__}: {message[:300]}" if message else type(exc).__name__
 
 
 def record_problems(engine: Engine, analysis_id: int, problems: list[str]) -> None:

@@ -30,6 +30,7 @@ which a worker host does not need to have.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from datetime import date, time
 from io import BytesIO
@@ -227,6 +228,11 @@ def _content_items(dataset: Dataset) -> list[str]:
                 if value_type not in ("SCOORD", "SCOORD3D", "TCOORD"):
                     found.append(f"content item {where}: unknown value type {value_type!r}")
                 continue
+            if value_type == "NUM" and needed in item and _empty(item[needed]):
+                # Type 2: an empty value needs a Numeric Value Qualifier saying why (C.18.1)
+                if _empty_or_missing(item, "NumericValueQualifierCodeSequence"):
+                    found.append(f"content item {where} (NUM): no measured value, no qualifier")
+                continue
             if needed not in item or _empty(item[needed]):
                 found.append(f"content item {where} ({value_type}): {needed} empty or missing")
                 continue
@@ -235,6 +241,10 @@ def _content_items(dataset: Dataset) -> list[str]:
             if value_type in ("IMAGE", "COMPOSITE", "WAVEFORM"):
                 found += _references(item.ReferencedSOPSequence, where)
     return found
+
+
+def _empty_or_missing(item: Dataset, keyword: str) -> bool:
+    return keyword not in item or _empty(item[keyword])
 
 
 def _references(sequence: Sequence, where: str) -> list[str]:
@@ -255,5 +265,12 @@ def _highdicom(dataset: Dataset) -> list[str]:
         elif sop_class.keyword == "KeyObjectSelectionDocumentStorage":
             hd.ko.KeyObjectSelectionDocument.from_dataset(dataset)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        return [f"highdicom refuses the document ({type(exc).__name__}: {exc})"]
+        return [f"highdicom refuses the document ({scrubbed(exc)})"]
     return []
+
+
+def scrubbed(exc: BaseException) -> str:
+    """An exception for the database and the log: quoted values (maybe patient data) removed."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    message = re.sub(r"(['\"]).*?\1", "'...'", text)
+    return f"{type(exc).__name__}: {message[:300]}" if message else type(exc).__name__
