@@ -310,6 +310,11 @@ def reindex_unindexed(
     instance was never acknowledged (the crash came before its fsync): deleted.
     """
     written = 0
+    if older_than_seconds <= 0 and spool.other_live_receivers():
+        # another listener is running on this spool: its recorder writes its own links
+        logger.warning("another listener process is receiving into this spool; only "
+                       "unrecorded instances older than %.0f s are recorded now", ORPHAN_SECONDS)
+        older_than_seconds = ORPHAN_SECONDS
     cutoff = time.time() - older_than_seconds
     for sop_instance_uid, marker in spool.marked():
         try:

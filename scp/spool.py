@@ -368,6 +368,28 @@ class Spool:
                         self.incoming_root)
         return removed
 
+    def other_live_receivers(self) -> int:
+        """How many other processes (of any listener on this spool) are receiving now."""
+        own = self._incoming.name + _LOCK_SUFFIX if self._incoming is not None else None
+        live = 0
+        try:
+            entries = [e for e in os.scandir(self.incoming_root)
+                       if e.name.endswith(_LOCK_SUFFIX) and e.name != own]
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                fd = os.open(entry.path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live += 1
+            finally:
+                os.close(fd)  # closing drops a lock we took: the folder stays for the sweep
+        return live
+
     def _clear_owned(self, lock_path: Path, older_than_seconds: float, cutoff: float) -> int:
         folder = lock_path.with_name(lock_path.name[: -len(_LOCK_SUFFIX)])
         fd = os.open(lock_path, os.O_RDWR)

@@ -111,9 +111,12 @@ class InstanceStore:
             raise Rejected(
                 Status.OUT_OF_RESOURCES_STORAGE, "database unavailable; instance not stored"
             )
-        header = read_instance_header(
-            received, transfer_syntax_uid, sop_class_uid, sop_instance_uid
-        )
+        try:
+            header = read_instance_header(
+                received, transfer_syntax_uid, sop_class_uid, sop_instance_uid
+            )
+        except OSError as exc:  # e.g. its connection closed and took the file with it
+            raise _storage_failure(exc, "received data set could not be read") from exc
         known = None if digest is None else Sealed(digest.size_bytes, digest.sha256)
         deadline = time.monotonic() + _CLAIM_WAIT_SECONDS
         while True:

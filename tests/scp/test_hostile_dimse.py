@@ -331,6 +331,12 @@ def _random_bytes(data_set: bytes) -> bytes:
     return hashlib.sha512(b"random").digest() * 40
 
 
+def _random_bytes_high_tag(data_set: bytes) -> bytes:
+    """Random bytes whose first "tag" sorts after Pixel Data (a walk that stops there sees an
+    empty data set and would call it a missing UID)."""
+    return b"\xf0\xff\x10\x00" + hashlib.sha512(b"other").digest() * 40
+
+
 def _nesting(depth: int, defined: bool) -> Callable[[bytes], bytes]:
     def spoil(data_set: bytes) -> bytes:
         at = _pixel_data_offset(data_set)
@@ -347,6 +353,7 @@ STRUCTURE_CASES: list[tuple[str, Callable[[bytes], bytes], int, str]] = [
     ("frames-abc", _frames(b"abc"), 0xA901, "Number of Frames"),
     ("frames-0", _frames(b"0"), 0xA901, "Number of Frames"),
     ("random-bytes", _random_bytes, 0xC210, "cannot be parsed"),
+    ("random-bytes-high-tag", _random_bytes_high_tag, 0xC210, "cannot be parsed"),
     ("nested-200-undefined", _nesting(200, defined=False), 0xC210, "nested deeper"),
     ("nested-3000-undefined", _nesting(3000, defined=False), 0xC210, "nested deeper"),
     ("nested-200-defined", _nesting(200, defined=True), 0xC210, "nested deeper"),

@@ -102,3 +102,38 @@ def test_a_second_listener_on_the_same_data_directory_leaves_transfers_alone(
         folders = [p for p in (data_dir / "spool" / ".incoming").iterdir() if p.is_dir()]
         assert len(folders) <= 1
         assert restarted.stop() == 0
+
+
+def test_start_up_leaves_a_live_listeners_unrecorded_instances_to_it(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Recovery records every .unindexed link only when no other listener is receiving into
+    the spool; while one is, only links old enough to belong to nobody."""
+    import gc
+    import shutil
+
+    from db.session import make_engine
+    from scp.recorder import reindex_unindexed
+    from scp.registry import RegistryCache
+    from scp.spool import Spool
+
+    series = phantom(tmp_path, n_slices=1, size=32)
+    running_spool = Spool(tmp_path / "spool")
+    running_spool.prepare()
+    received = running_spool.incoming / "rx-acknowledged.dcm"  # its folder: locked, live
+    shutil.copyfile(series.paths[0], received)
+    assert running_spool.mark(received, series.sop_instance_uids[0])
+    starting = Spool(tmp_path / "spool")
+    assert starting.other_live_receivers() == 1
+    engine = make_engine(sqlite_url)
+    try:
+        assert reindex_unindexed(starting, engine, RegistryCache()) == 0
+        assert running_spool.is_marked(series.sop_instance_uids[0])  # left to its recorder
+        assert starting.clear_incoming() == 0 and received.exists()
+        del running_spool
+        gc.collect()  # the running listener is gone: its lock with it
+        assert starting.other_live_receivers() == 0
+        assert reindex_unindexed(starting, engine, RegistryCache()) == 1
+        assert starting.clear_incoming() == 1 and not received.exists()
+    finally:
+        engine.dispose()
