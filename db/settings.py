@@ -128,6 +128,15 @@ class Settings(BaseSettings):
             "results, audit rows and ctdx's report objects stay (`ctdx spool prune`)."
         ),
     )
+    report_retention_days: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Report objects ctdx wrote (SR, SC, KO under the data dir) are deleted this many "
+            "days after they were made once every export of them is delivered (a dead one is "
+            "kept for `ctdx exports retry`); unset = kept."
+        ),
+    )
     emergency_free_bytes: int = Field(
         5_000_000_000,
         ge=0,

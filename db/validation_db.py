@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from db import operations
 from db.models import Analysis, AnalysisState, OperatingPoint, Study, StudyVersion, utcnow
 from db.queries import _is_newest_analysis, _period
+from db.selftest_studies import not_test_version
 
 logger = logging.getLogger(__name__)
 
@@ -413,6 +414,7 @@ def drift(session: Session, by: PeriodUnit, *, since: datetime | None = None,
         select(StudyVersion.first_received_at, Analysis.decision, Analysis.fraction_covid19)
         .join(Analysis, Analysis.study_version_id == StudyVersion.id)
         .where(_is_newest_analysis(), Analysis.state == AnalysisState.ANALYSED.value,
+               not_test_version(),  # self-test studies are no patients
                *_period(StudyVersion.first_received_at, since, until))
     ).all()
     groups: dict[str, list[tuple[str | None, float | None]]] = defaultdict(list)

@@ -71,6 +71,8 @@ def prune_json(result: PruneResult) -> dict[str, Any]:
             }
             for s in result.studies
         ],
+        "reports_removed": result.reports_removed,
+        "report_bytes_freed": result.report_bytes_freed,
     }
 
 
@@ -97,13 +99,14 @@ def spool_prune(
         raise UserError(f"no spool at {settings.spool_dir} (CTDX_DATA_DIR)")
     with open_database(database_url) as engine:
         result = retention.prune(engine, settings, older_than_days=older_than, dry_run=dry_run)
-        if not dry_run and result.studies:
+        if not dry_run and (result.studies or result.reports_removed):
             with session_scope(engine) as session:
                 operations.record(
                     session, actor=operations.default_actor(), action=ACTION_PRUNE,
                     target="spool",
                     detail={"studies": len(result.studies), "files": result.files_removed,
-                            "bytes": result.bytes_freed, "older_than_days": result.older_than_days},
+                            "bytes": result.bytes_freed, "older_than_days": result.older_than_days,
+                            "reports": result.reports_removed},
                 )
     if output is PruneFormat.JSON:
         write_json(prune_json(result))
@@ -120,6 +123,10 @@ def spool_prune(
         f"{_megabytes(result.free_bytes_after)} (retention {result.older_than_days:g} days)",
         highlight=False,
     )
+    if result.reports_removed:
+        console.print(f"removed {result.reports_removed} delivered report objects, "
+                      f"{_megabytes(result.report_bytes_freed)} (CTDX_REPORT_RETENTION_DAYS)",
+                      highlight=False)
 
 
 def register(app: typer.Typer) -> None:

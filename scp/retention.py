@@ -23,6 +23,12 @@ over (:data:`STALE_CLAIM`) and finished. The row, stamped ``pruned`` with the
 count and size of the removed files, is the record of the deletion;
 ``ctdx results show`` prints it and ``ctdx studies requeue`` refuses such a study.
 
+Report objects ctdx wrote are a separate matter: kept, unless
+``CTDX_REPORT_RETENTION_DAYS`` is set; then an object made longer ago than that
+whose every export is ``delivered`` is deleted (a ``dead`` one is kept for
+``ctdx exports retry``), recorded in ``report_prunes`` (inserted first, unique
+per path, so two processes never both count it).
+
 Folders are left in place, even empty: a listener may be about to write a
 late instance of the same study into its folder.
 """
@@ -50,6 +56,7 @@ from db.models import (
     ExportState,
     Instance,
     PruneState,
+    ReportPrune,
     SpoolPrune,
     Study,
     StudyVersion,
@@ -108,6 +115,8 @@ class PruneResult:
     free_bytes_after: int
     emergency_free_bytes: int
     studies: tuple[PrunedStudy, ...] = field(default=())
+    reports_removed: int = 0
+    report_bytes_freed: int = 0
 
     @property
     def files_removed(self) -> int:
@@ -368,8 +377,44 @@ def prune(
         if len(batch) < 50 or not progressed:
             break
     pruned.extend(_emergency(engine, settings, read_free, now))
+    reports, report_bytes = _prune_reports(engine, settings, now)
     return PruneResult(False, days, cutoff, before, read_free(), settings.emergency_free_bytes,
-                       tuple(pruned))
+                       tuple(pruned), reports, report_bytes)
+
+
+def _prune_reports(engine: Engine, settings: Settings, now: datetime) -> tuple[int, int]:
+    """Delete report objects past ``CTDX_REPORT_RETENTION_DAYS`` whose exports all delivered."""
+    if settings.report_retention_days is None:
+        return 0, 0
+    cutoff = now - timedelta(days=settings.report_retention_days)
+    delivered = func.sum(case((Export.state == ExportState.DELIVERED, 1), else_=0))
+    with session_scope(engine) as session:
+        paths = list(session.scalars(
+            select(Export.path)
+            .where(Export.path.not_in(select(ReportPrune.path)))
+            .group_by(Export.path)
+            .having(func.max(Export.created_at) < cutoff, delivered == func.count(Export.id))
+        ))
+    removed = freed = 0
+    for relative in paths:
+        try:
+            with session_scope(engine) as session:  # the claim: one row per path
+                row = ReportPrune(path=relative, pruned_at=now, bytes_freed=0)
+                session.add(row)
+                session.flush()
+                row_id = row.id
+        except IntegrityError:
+            continue  # another process has it
+        done, size = _delete(settings.data_dir, [relative])
+        with session_scope(engine) as session:
+            session.execute(update(ReportPrune).where(ReportPrune.id == row_id)
+                            .values(bytes_freed=size, pruned_at=utcnow())
+                            .execution_options(synchronize_session=False))
+        removed += done
+        freed += size
+    if removed:
+        logger.info("pruned %d delivered report objects (%d bytes)", removed, freed)
+    return removed, freed
 
 
 def _emergency(engine: Engine, settings: Settings, read_free: FreeBytes,

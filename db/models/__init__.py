@@ -7,6 +7,7 @@ from db.models.housekeeping import (
     Alert,
     AlertState,
     PruneState,
+    ReportPrune,
     SelftestStudy,
     SpoolPrune,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "PerformedProcedureStep",
     "PruneState",
     "ReceivingLease",
+    "ReportPrune",
     "SelftestStudy",
     "Series",
     "ServiceHeartbeat",

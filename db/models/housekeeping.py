@@ -10,6 +10,10 @@ twice, and ``ctdx studies requeue`` refuses a version that has one.
 :mod:`db.alerts` with retries; claimed like the export outbox
 (``claimed_by`` + lease in ``next_attempt_at``).
 
+``report_prunes``: report objects ctdx wrote (SR, SC, KO under the data dir)
+deleted after ``CTDX_REPORT_RETENTION_DAYS``; the row (unique per path) is
+inserted before the file is deleted.
+
 ``selftest_studies``: studies sent by ``ctdx selftest``; ``destination`` is
 where the worker sends their reports (``AE@host:port``), NULL = the configured
 PACS (``--to-pacs``).
@@ -42,6 +46,15 @@ class SpoolPrune(Base):
     claimed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     pruned_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     files_removed: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_freed: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ReportPrune(Base):
+    __tablename__ = "report_prunes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String(512), unique=True)  # relative to the data dir
+    pruned_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     bytes_freed: Mapped[int] = mapped_column(BigInteger, default=0)
 
 

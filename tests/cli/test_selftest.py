@@ -185,3 +185,34 @@ def test_json_fields_are_documented_in_order() -> None:
     value = run_json(run)
     assert list(value) == _documented("`ctdx selftest`")
     assert list(value["stages"][0]) == _documented("stage")
+
+
+def test_test_studies_are_left_out_of_statistics_and_drift(sqlite_url: str) -> None:
+    import uuid
+
+    from db.models import Analysis, StudyVersion, utcnow
+    from db.validation_db import PeriodUnit, drift
+    from tests.cli.conftest import ctdx as ctdx_in_process
+
+    engine = make_engine(sqlite_url)
+    try:
+        with session_scope(engine) as s:
+            for patient_id in ("CTDX-SELFTEST", "PID-1"):
+                study = Study(study_instance_uid=f"2.25.{uuid.uuid4().int}",
+                              patient_id=patient_id)
+                s.add(study)
+                s.flush()
+                version = StudyVersion(study_id=study.id, version=1, state="analysed")
+                s.add(version)
+                s.flush()
+                s.add(Analysis(study_version_id=version.id, state="analysed", model_name="m",
+                               model_version="1", model_uid="2.25.1", decision="covid19",
+                               fraction_covid19=0.5, finished_at=utcnow()))
+        result = ctdx_in_process("results", "stats", "-f", "json", "--database-url", sqlite_url)
+        assert result.exit_code == 0, result.output
+        stats = json.loads(result.stdout)
+        assert stats["study_versions"] == 1 and stats["by_decision"] == {"covid19": 1}
+        with session_scope(engine) as s:
+            assert [p.studies for p in drift(s, PeriodUnit.WEEK).periods] == [1]
+    finally:
+        engine.dispose()

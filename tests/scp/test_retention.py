@@ -27,6 +27,7 @@ from db.models import (
     Export,
     Instance,
     PruneState,
+    ReportPrune,
     SpoolPrune,
     Study,
     StudyVersion,
@@ -346,3 +347,29 @@ def test_a_late_series_after_pruning_is_analysed_without_the_pruned_files(
     assert len(version_2) == 4
     assert sorted(paths) == sorted(p.absolute() for p in version_2)
     assert all(p.exists() for p in paths)
+
+
+def test_report_objects_are_kept_unless_their_own_retention_is_set(
+    scp: Running, scenario: dict[str, Sent]
+) -> None:
+    def reports() -> dict[str, tuple[str, bool]]:
+        with session_scope(scp.engine) as s:
+            return {e.path: (e.state, (scp.settings.data_dir / e.path).exists())
+                    for e in s.scalars(select(Export))}
+
+    assert ctdx(env_for(scp), "spool", "prune").returncode == 0
+    assert all(present for _, present in reports().values())  # default: kept
+
+    done = ctdx(env_for(scp, report_retention_days=0), "spool", "prune", "-f", "json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    after = reports()
+    assert {state for state, present in after.values() if not present} == {"delivered"}
+    assert all(present for state, present in after.values() if state != "delivered")
+    assert result["reports_removed"] == sum(1 for st, _ in after.values() if st == "delivered")
+    assert result["report_bytes_freed"] == len(b"report") * result["reports_removed"]
+    with session_scope(scp.engine) as s:
+        assert len(s.scalars(select(ReportPrune)).all()) == result["reports_removed"]
+    again = json.loads(ctdx(env_for(scp, report_retention_days=0), "spool", "prune",
+                            "-f", "json").stdout)
+    assert again["reports_removed"] == 0

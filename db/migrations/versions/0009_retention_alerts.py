@@ -1,7 +1,8 @@
 """retention: pruned spool records, alert outbox, self-test studies (issue 18)
 
 ``spool_prunes``: one row per study version whose source instances are deleted
-from the spool (the row is inserted first, as the claim). ``alerts``: webhook
+from the spool (the row is inserted first, as the claim); ``report_prunes``: one
+per report object deleted after ``CTDX_REPORT_RETENTION_DAYS``. ``alerts``: webhook
 outbox. ``selftest_studies``: studies sent by ``ctdx selftest`` and where their
 reports go. New tables only: existing rows are untouched.
 
@@ -43,6 +44,15 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_spool_prunes_pruned_at"), "spool_prunes", ["pruned_at"])
     op.create_table(
+        "report_prunes",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("path", sa.String(length=512), nullable=False),
+        sa.Column("pruned_at", UTCDateTime(), nullable=False),
+        sa.Column("bytes_freed", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_report_prunes")),
+        sa.UniqueConstraint("path", name=op.f("uq_report_prunes_path")),
+    )
+    op.create_table(
         "alerts",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("event", sa.String(length=32), nullable=False),
@@ -82,5 +92,6 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_alerts_state"), table_name="alerts")
     op.drop_index(op.f("ix_alerts_event"), table_name="alerts")
     op.drop_table("alerts")
+    op.drop_table("report_prunes")
     op.drop_index(op.f("ix_spool_prunes_pruned_at"), table_name="spool_prunes")
     op.drop_table("spool_prunes")
