@@ -280,6 +280,8 @@ class Browser:
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        "--disable-breakpad",
+        "--disable-crash-reporter",
         "--disable-extensions",
         "--disable-dev-shm-usage",
         "--mute-audio",
