@@ -234,7 +234,7 @@ ByOption = typer.Option(
 
 PERIOD_FIELDS = (
     "period", "start", "end", "studies", "called_covid19", "positive_rate",
-    "mean_fraction_covid19", "p_value", "flagged",
+    "mean_fraction_covid19", "above_baseline_threshold", "p_value", "flagged",
 )
 
 
@@ -280,7 +280,8 @@ def stats_by_period(by: PeriodUnit, since: datetime | None, until: datetime | No
         if b is None else
         f"baseline: {_pct(b.positive_rate)} called COVID-19 in the validation of "
         f"{b.model_name} {b.model_version} ({b.n_studies} studies, threshold "
-        f"{_pct(b.threshold)}); DRIFT = binomial test p < {drift.alpha:g}"))
+        f"{_pct(b.threshold)}); DRIFT = the share above {_pct(b.threshold)} differs, "
+        f"binomial test p < {drift.alpha:g}"))
     if not drift.periods:
         console.print(Text("No analysed studies in the period."))
         return
@@ -291,6 +292,9 @@ def stats_by_period(by: PeriodUnit, since: datetime | None, until: datetime | No
                min_width=8, max_width=14, justify="right"),
         Column("Mean share", lambda p: percent(p.mean_fraction_covid19), min_width=6,
                max_width=10, justify="right"),
+        Column(">thr", lambda p: "-" if p.above_baseline_threshold is None
+               else str(p.above_baseline_threshold), min_width=4, max_width=6, justify="right",
+               drop=2),
         Column("p", lambda p: "-" if p.p_value is None else f"{p.p_value:.2g}", min_width=5,
                max_width=8, justify="right", drop=1),
         Column("Flag", lambda p: "DRIFT" if p.flagged else "", min_width=5, max_width=5),

@@ -367,7 +367,10 @@ class PeriodRow:
     called_covid19: int
     positive_rate: float | None
     mean_fraction_covid19: float | None
-    p_value: float | None  # binomial test against the baseline; None without a baseline
+    # studies whose share is above the baseline's threshold: the period as the validation would
+    # have called it (studies called before the adoption were called at another threshold)
+    above_baseline_threshold: int | None
+    p_value: float | None  # binomial test of the above against the baseline; None without one
     flagged: bool
 
 
@@ -404,8 +407,10 @@ def drift(session: Session, by: PeriodUnit, *, since: datetime | None = None,
     """Per local week or month (of when the version started arriving): the analysed calls.
 
     The baseline is the newest adopted operating point's positive rate (share
-    of its validation set called COVID-19 at the adopted threshold); a period
-    is flagged when the exact binomial test gives p < :data:`DRIFT_ALPHA`.
+    of its validation set called COVID-19 at the adopted threshold). Each
+    period's studies are counted at that same threshold (their COVID-19 slice
+    share above it), so studies called before the adoption compare alike; a
+    period is flagged when the exact binomial test gives p < :data:`DRIFT_ALPHA`.
     """
     from db.validation import DRIFT_ALPHA, drift_p_value  # scipy: not at import
 
@@ -429,12 +434,15 @@ def drift(session: Session, by: PeriodUnit, *, since: datetime | None = None,
         n = len(calls)
         positive = sum(1 for d, _ in calls if d == "covid19")
         fractions = [f for _, f in calls if f is not None]
-        p = drift_p_value(positive, n, baseline.positive_rate) if baseline else None
+        above = (sum(1 for _, f in calls if f is not None and f > baseline.threshold)
+                 if baseline else None)
+        p = (drift_p_value(above, n, baseline.positive_rate)
+             if baseline is not None and above is not None else None)
         periods.append(PeriodRow(
             period=label, start=bounds[label][0], end=bounds[label][1], studies=n,
             called_covid19=positive, positive_rate=positive / n if n else None,
             mean_fraction_covid19=sum(fractions) / len(fractions) if fractions else None,
-            p_value=p, flagged=p is not None and p < DRIFT_ALPHA,
+            above_baseline_threshold=above, p_value=p, flagged=p is not None and p < DRIFT_ALPHA,
         ))
     return Drift(by=by, since=since, until=until, baseline=baseline, alpha=DRIFT_ALPHA,
                  periods=tuple(periods))

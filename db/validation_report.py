@@ -43,6 +43,7 @@ _CLASS_SPELLINGS = {
     "covid19": "covid19", "covid-19": "covid19", "covid": "covid19",
     "other_pneumonia": "other_pneumonia", "other pneumonia": "other_pneumonia",
     "other-pneumonia": "other_pneumonia", "otherpneumonia": "other_pneumonia",
+    "cap": "other_pneumonia", "community-acquired pneumonia": "other_pneumonia",
     "normal": "normal",
 }
 

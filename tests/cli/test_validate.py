@@ -348,8 +348,10 @@ def test_drift_flags_a_shifted_week_and_not_a_steady_series(db_url: str, tmp_pat
     assert ctdx("validate", "adopt", str(out), "--database-url", db_url).exit_code == 0
     engine = make_engine(db_url)
     with session_scope(engine) as s:
-        baseline = s.scalars(select(OperatingPoint)).one().positive_rate
+        point = s.scalars(select(OperatingPoint)).one()
+        baseline, threshold = point.positive_rate, point.threshold
     engine.dispose()
+    assert 0.01 <= threshold < 0.4
     n = 40
     steady = round(baseline * n)
     start = _wednesday_noon_weeks_ago(8)
@@ -367,6 +369,9 @@ def test_drift_flags_a_shifted_week_and_not_a_steady_series(db_url: str, tmp_pat
     assert [p["flagged"] for p in periods] == [False] * 6 + [True, False]
     shifted = periods[6]
     assert shifted["called_covid19"] == min(n, steady + 20)
+    # counted at the adopted threshold (shares 0.4 and 0.01 lie on either side of it)
+    assert [p["above_baseline_threshold"] for p in periods] == [
+        p["called_covid19"] for p in periods]
     assert shifted["p_value"] == pytest.approx(
         binomtest(shifted["called_covid19"], n, baseline).pvalue)
     assert shifted["mean_fraction_covid19"] == pytest.approx(
@@ -377,6 +382,12 @@ def test_drift_flags_a_shifted_week_and_not_a_steady_series(db_url: str, tmp_pat
                  "--database-url", db_url, columns=100)
     assert table.exit_code == 0, table.output
     assert periods[6]["period"] in table.output and "DRIFT" in table.output
+    # the validation's own week: called at 5% then, counted at the adopted threshold now,
+    # it is exactly the baseline
+    everything = json.loads(ctdx("results", "stats", "--by", "week", "-f", "json",
+                                 "--database-url", db_url).stdout)["periods"]
+    own = next(p for p in everything if p["studies"] == 60)
+    assert own["above_baseline_threshold"] == round(baseline * 60) and not own["flagged"]
     months = ctdx("results", "stats", "--by", "month", "-f", "json", "--database-url", db_url)
     assert months.exit_code == 0
     per_month = json.loads(months.stdout)["periods"]
@@ -567,3 +578,55 @@ def test_adopted_threshold_reaches_the_worker_and_the_sr(
     tree = dsrdump(tmp_path / "data" / next(o.path for o in objects if o.kind == "sr"))
     assert "set by configuration (CTDX_COVID_THRESHOLD)" in tree
     engine.dispose()
+
+
+@pytest.mark.slow
+def test_real_series_validated_with_the_data_sets_own_subject_table(
+    tmp_path: Path, sqlite_url: str, shared_data: Path
+) -> None:
+    """COVID-CT-MD's COVID-19 subject through the worker; the data set's subjects.csv is the truth.
+
+    The table was written by the data set's authors: its ``class`` column (COVID-19, CAP,
+    Normal) and ``study_instance_uid`` are read as they are, the other columns ignored. Only
+    P001 is analysed (a real series takes minutes on a loaded 2-core machine): the other two
+    subjects are reported as missing.
+    """
+    from worker import runtime, service
+
+    root = shared_data / "covid-ct-md"
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[filters]]\nattribute = "modality"\nin = ["CT"]\n')
+    model = _checkpoint(tmp_path / "model.pt", 1000.0)  # calls every analysed slice COVID-19
+    settings = worker_conftest.analysis_settings(
+        tmp_path / "data", sqlite_url, worker_conftest.Checkpoints(model, model), rules,
+        manifestation_model=None, precision="fp32")
+    engine = make_engine(sqlite_url)
+    shares = {}
+    for folder in ("COVID-19/P001",):
+        stored = worker_conftest.store_files(engine, settings.spool_dir,
+                                             sorted((root / folder).glob("*.dcm")))
+        result = service.process_study_version(engine, settings, runtime.get_models(settings),
+                                               stored.study_version_id)
+        assert result.outcome is service.Outcome.ANALYSED, result
+        with session_scope(engine) as s:
+            analysis = s.get(Analysis, result.analysis_id)
+            assert analysis is not None
+            shares[stored.study_instance_uid] = analysis.fraction_covid19
+    engine.dispose()
+
+    out = tmp_path / "validation"
+    result = ctdx("validate", "run", "--truth", str(root / "subjects.csv"), "--out", str(out),
+                  "-f", "json", "--database-url", sqlite_url)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["n_studies"] == 1 and (doc["n_positive"], doc["n_negative"]) == (1, 0)
+    assert doc["confusion_3x3"]["matrix"] == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+    _check_prop(doc["as_reported"]["sensitivity"], 1, 1)
+    assert doc["as_reported"]["specificity"]["value"] is None  # no negative study
+    assert doc["roc"]["auc"] is None
+    assert {(e["line"], e["truth"], e["reason"]) for e in doc["excluded"]} == {
+        (3, "other_pneumonia", "missing"), (4, "normal", "missing")}
+    with (out / "cases.csv").open() as fh:
+        cases = {r["study_instance_uid"]: float(r["fraction_covid19"])
+                 for r in csv.DictReader(fh)}
+    assert cases == pytest.approx(shares)
