@@ -261,6 +261,7 @@ def train_command(
         task_folds,
         task_manifest,
     )
+    from model_train.pretrained import ensure_pretrained
     from model_train.train import RunSpec, run_dir, run_training
 
     if task not in ("recognition", "manifestation"):
@@ -269,6 +270,7 @@ def train_command(
     assert isinstance(cfg, Config)
     try:
         spec = RunSpec(task=task, network=NetworkSpec.parse(network), fold=fold)  # type: ignore[arg-type]
+        ensure_pretrained(cfg, [spec.network])
         params = cfg.preprocess_params()
         rows = task_manifest(cfg, spec.task)
         studies = study_manifest(cfg) if spec.task == "recognition" else None
@@ -311,10 +313,15 @@ def reproduce_command(
     report (Tables 1-5, Figs. 4, 6, 7). Finished runs are skipped: run again to resume."""
     _configure_logging()
     from model_train.config import Config
+    from model_train.pretrained import ensure_pretrained
     from model_train.reproduce import reproduce
 
     cfg = _load(config, manifest, manifestation_manifest, cache_dir, device, epochs, pretrained)
     assert isinstance(cfg, Config)
+    try:
+        ensure_pretrained(cfg)  # before any work: offline machines fail here, not mid-grid
+    except _expected_errors() as exc:
+        raise _user_error(str(exc)) from None
 
     def on_run(spec: object, state: str) -> None:
         if state == "start":
@@ -404,6 +411,42 @@ def export_command(
                f"{m.model_uid}, from {exported.run}")
 
 
+@train_app.command("synthetic-data")
+def synthetic_data_command(
+    out: Annotated[Path, typer.Option("--out", help="New (or empty) folder to write into.")],
+    subjects_per_class: Annotated[int, typer.Option(
+        min=3, help="Phantom subjects per class (COVID-19, CAP, normal).")] = 7,
+    slices: Annotated[int, typer.Option(min=4, help="Slices per phantom series.")] = 16,
+    size: Annotated[int, typer.Option(min=64, help="Phantom image size in pixels.")] = 128,
+    manifestation_per_class: Annotated[int, typer.Option(
+        min=3, help="Manifestation images per class (ground glass, consolidation, "
+        "fibrotic streaks).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the phantoms.")] = 0,
+) -> None:
+    """Write synthetic labelled data to try `ctdx train` without data of one's own: phantom
+    DICOM series (COVID-CT-MD layout), manifestation images (MedSeg layout) and a manifest
+    for each. Computed images, no patient data; NOT FOR CLINICAL USE."""
+    _configure_logging()
+    from model_train.synthetic import write_synthetic_data
+
+    try:
+        written = write_synthetic_data(out, subjects_per_class=subjects_per_class,
+                                       n_slices=slices, size=size,
+                                       manifestation_per_class=manifestation_per_class,
+                                       seed=seed)
+    except FileExistsError as exc:
+        raise _user_error(str(exc)) from None
+    except _expected_errors() as exc:
+        raise _user_error(str(exc)) from None
+    typer.echo(f"{written.recognition_manifest}: {written.recognition_rows} slices of "
+               f"{3 * subjects_per_class} phantom subjects (recognition)")
+    typer.echo(f"{written.manifestation_manifest}: {written.manifestation_rows} images "
+               "(manifestations)")
+    typer.echo("try: " + _command_line(
+        "ctdx", "train", "reproduce", "smoke", "--manifest", written.recognition_manifest,
+        "--manifestation-manifest", written.manifestation_manifest, "--out", "runs/smoke"))
+
+
 @train_app.command("demo-model")
 def demo_model_command(
     out: Annotated[Path, typer.Option("--out", help="Recognition checkpoint to write.")],
@@ -415,11 +458,16 @@ def demo_model_command(
 ) -> None:
     """Train (once, then cached) the synthetic demonstration models: ResNet50 recognition and
     ResNet18 manifestations on synthetic phantoms. NOT FOR CLINICAL USE."""
+    from model_train.cpu import passive_omp_threads
+
+    passive_omp_threads()
     _configure_logging()
     from model_train.demo_model import DEMO_NOTICE, write_demo_model
     from model_train.method.checkpoint import read_checkpoint_meta
+    from model_train.progress import ProgressLines
 
-    paths = write_demo_model(out, manifestation_out, cache_dir)
+    with ProgressLines(lambda line: typer.echo(line, err=True)) as progress:
+        paths = write_demo_model(out, manifestation_out, cache_dir, progress)
     for path in (paths.recognition, paths.manifestation):
         assert path is not None
         meta = read_checkpoint_meta(path)

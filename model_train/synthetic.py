@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,45 @@ def write_manifestation_set(root: Path, per_class: int = 20, size: int = 128,
                     "consolidation_pixels", "streak_pixels", "pixel_spacing"])
         w.writerows(rows)
     return root
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """What :func:`write_synthetic_data` wrote: both data sets and a manifest for each."""
+
+    recognition_manifest: Path
+    manifestation_manifest: Path
+    recognition_rows: int
+    manifestation_rows: int
+
+
+def write_synthetic_data(
+    out: Path,
+    subjects_per_class: int = 7,
+    n_slices: int = 16,
+    size: int = 128,
+    manifestation_per_class: int = 20,
+    seed: int = 0,
+) -> SyntheticData:
+    """``ctdx train synthetic-data``: both sets under ``out`` plus ``recognition.csv`` and
+    ``manifestation.csv``, ready for ``ctdx train reproduce smoke``.
+
+    Refuses a non-empty ``out`` (an earlier set would mix with this one).
+    """
+    from model_train.importers.dicom_table import import_dicom_table
+    from model_train.importers.medseg import import_medseg
+    from model_train.manifest import write_manifest
+
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: give a new folder for the synthetic data")
+    table = write_recognition_set(out / "recognition", subjects_per_class=subjects_per_class,
+                                  n_slices=n_slices, size=size, seed=seed)
+    rec_rows = import_dicom_table(table)
+    rec_manifest = write_manifest(rec_rows, out / "recognition.csv")
+    man_root = write_manifestation_set(out / "manifestation", per_class=manifestation_per_class,
+                                       size=size, seed=seed)
+    man_rows = import_medseg(man_root)
+    man_manifest = write_manifest(man_rows, out / "manifestation.csv")
+    logger.info("synthetic data in %s: %d recognition rows, %d manifestation rows", out,
+                len(rec_rows), len(man_rows))
+    return SyntheticData(rec_manifest, man_manifest, len(rec_rows), len(man_rows))

@@ -1,4 +1,4 @@
-"""``ctdx demo``: the whole product on one machine, no services, in about a minute.
+"""``ctdx demo``: the whole product on one machine, no services, in a minute or two.
 
 One process tree, wired like production but with embedded defaults:
 
@@ -12,7 +12,10 @@ One process tree, wired like production but with embedded defaults:
    content tree, and the ``ctdx results list`` line for it.
 
 With no ``CTDX_MODEL`` the demo uses the synthetic demonstration model
-(``ctdx train demo-model``), labelled as such everywhere.
+(``ctdx train demo-model``), labelled as such everywhere; its first run trains it
+with a progress line at least every 5 s. On real CT (``--input``) the result line
+says that its call means nothing for the patient. A configured ``CTDX_MODEL`` is
+checked before anything is sent.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,18 +33,26 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.tree import Tree
 
 from db.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from model_train.method.classes import Task
+    from model_train.progress import ProgressLines
 
 logger = logging.getLogger(__name__)
 console = Console()
 
 SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+PHANTOM_MANUFACTURER = "ctdx synthetic phantom"  # what model_train.phantom writes
+MEANINGLESS = ("MEANS NOTHING for this patient: the synthetic demonstration model knows only "
+               "phantoms, not real CT")
 
 
 def _free_port() -> int:
@@ -198,14 +210,51 @@ class DemoModels:
     synthetic: bool
 
 
-def demo_models(settings: Settings, cache_dir: Path) -> DemoModels:
-    """``CTDX_MODEL`` if set, else the synthetic demonstration models (built once, cached)."""
+def demo_models(settings: Settings, cache_dir: Path,
+                progress: ProgressLines | None = None) -> DemoModels:
+    """``CTDX_MODEL`` if set (checked here, before anything is sent), else the synthetic
+    demonstration models (built once, cached)."""
     if settings.model is not None:
+        check_models(settings.model, settings.manifestation_model)
         return DemoModels(settings.model, settings.manifestation_model, synthetic=False)
     from model_train.demo_model import ensure_demo_models
 
-    paths = ensure_demo_models(cache_dir)
+    paths = ensure_demo_models(cache_dir, progress=progress)
     return DemoModels(paths.recognition, paths.manifestation, synthetic=True)
+
+
+def check_models(recognition: Path, manifestation: Path | None) -> None:
+    """Raise :class:`RuntimeError` naming the setting when a configured checkpoint is missing
+    or is not one the worker can load (checked on the meta device: no weights in memory)."""
+    from model_train.method.checkpoint import CheckpointError, load_checkpoint
+
+    checks: list[tuple[str, Path, Task]] = [("CTDX_MODEL", recognition, "recognition")]
+    if manifestation is not None:
+        checks.append(("CTDX_MANIFESTATION_MODEL", manifestation, "manifestation"))
+    for name, path, task in checks:
+        try:
+            load_checkpoint(path, task=task, device="meta")
+        except CheckpointError as exc:
+            raise RuntimeError(f"{name}: {exc}; nothing was sent") from None
+
+
+def is_phantom(header: Any) -> bool:
+    """A series written by :mod:`model_train.phantom` (its Manufacturer says so)."""
+    return str(header.get("Manufacturer", "")) == PHANTOM_MANUFACTURER
+
+
+def ctdx_command() -> str:
+    """How to run ``ctdx`` again from any shell: the bare name when it is this installation's
+    on PATH, else the absolute path of the script next to this Python (a venv's bin)."""
+    import shutil
+
+    script = Path(sys.executable).parent / "ctdx"
+    if not script.is_file():
+        return "ctdx"
+    on_path = shutil.which("ctdx")
+    if on_path is not None and Path(on_path).absolute() == script.absolute():
+        return "ctdx"
+    return str(script.absolute())
 
 
 @contextmanager
@@ -278,11 +327,10 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
     base = load_settings()
     pacs_port, scp_port = _free_port(), _free_port()
     console.rule("[bold]ctdx demo")
-    with console.status("preparing the model (first run trains the synthetic demo model)…"):
-        models = demo_models(base, data_dir / "models")
+    models = prepare_models(base, data_dir / "models")
     console.print(f"model: {models.recognition}"
                   + ("  [yellow](synthetic demonstration model - not for clinical use)[/yellow]"
-                     if models.synthetic else ""))
+                     if models.synthetic else ""), soft_wrap=True)
     settings = load_settings(
         data_dir=run_dir,
         database_url=f"sqlite:///{run_dir / 'ctdx.sqlite3'}",
@@ -300,7 +348,7 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
     )
     url = settings.resolved_database_url
     migrate.upgrade(url)
-    console.print(f"data dir: {run_dir}")
+    console.print(f"data dir: {run_dir}", soft_wrap=True)
 
     if input_dir is not None:
         paths = dicom_files(input_dir)
@@ -316,7 +364,9 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
                                          n_slices=60, size=512, seed=7)
         paths = list(study.paths)
         source = "a synthetic 60-slice chest CT phantom with a COVID-19-like pattern"
-    study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    study_uid = str(first.StudyInstanceUID)
+    meaningless = models.synthetic and not is_phantom(first)
 
     engine = make_engine(url)
     pacs = StandInPacs(run_dir / "pacs", settings.pacs_ae_title, pacs_port).start()
@@ -386,8 +436,9 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
             console.print(f"[red]the study could not be analysed:[/red] {reason}")
             return 1
         console.rule("[bold]result")
+        warning = f" [bold red]({MEANINGLESS})[/bold red]" if meaningless else ""
         console.print(
-            f"decision: [bold]{analysis.decision}[/bold]   "
+            f"decision: [bold]{analysis.decision}[/bold]{warning}\n"
             f"COVID-19 slices {100 * (analysis.fraction_covid19 or 0):.1f}% "
             f"(threshold {100 * (analysis.threshold or 0):.0f}%), "
             f"other pneumonia {100 * (analysis.fraction_other_pneumonia or 0):.1f}%, "
@@ -407,9 +458,29 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
         app(["results", "list", "--database-url", url, "--limit", "1"], standalone_mode=False)
     except SystemExit:
         pass
-    console.print(f"\ndone in {time.monotonic() - started:.0f} s. Explore further with:\n"
-                  f"  CTDX_DATABASE_URL={url} ctdx results show {study_uid}")
+    if meaningless:
+        console.print(f"[bold red]The call above {MEANINGLESS}.[/bold red] Set CTDX_MODEL to a "
+                      "model trained on real data (`ctdx train`) for a meaningful call.")
+    console.print(f"\ndone in {time.monotonic() - started:.0f} s. Explore further with:")
+    # one unwrapped line, quoted for the shell: pasteable as it is
+    hint = " ".join(shlex.quote(w) for w in (
+        f"CTDX_DATABASE_URL={url}", ctdx_command(), "results", "show", study_uid))
+    console.print(Text("  " + hint), soft_wrap=True)
     return 0
+
+
+def prepare_models(base: Settings, cache_dir: Path) -> DemoModels:
+    """:func:`demo_models`, with a progress line at least every 5 s while the demonstration
+    model trains (plain lines: readable in a log and on a terminal alike)."""
+    from model_train.progress import ProgressLines
+
+    if base.model is None:
+        console.print("preparing the synthetic demonstration model (first run: trained)")
+    with ProgressLines(lambda line: console.print(Text("  " + line), soft_wrap=True),
+                       interval=5.0) as progress:
+        progress.step("loading torch and the model code" if base.model is None
+                      else "checking CTDX_MODEL")
+        return demo_models(base, cache_dir, progress)
 
 
 def demo_command(
@@ -428,7 +499,9 @@ def demo_command(
     """Run the whole product on this machine: listener, worker, stand-in PACS; send a study."""
     from db.cli_common import UserError
     from db.logs import configure_logging
+    from model_train.cpu import passive_omp_threads
 
+    passive_omp_threads()
     configure_logging("WARNING")
     logging.getLogger("kombu").setLevel(logging.ERROR)  # filesystem transport has no hostname
     try:

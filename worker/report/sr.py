@@ -34,6 +34,7 @@ gives the same SOP Instance.
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -348,7 +349,8 @@ def build_sr(inp: ReportInput, sources: SrSources) -> hd.sr.Comprehensive3DSR:
         is_verified=False,
         previous_versions=[sources.predecessor] if sources.predecessor is not None else None,
         series_description=series_description(inp),
-        manufacturer_model_name=inp.model_name[:64],
+        # LO: at most 64 characters, shortened at a word, never inside one
+        manufacturer_model_name=textwrap.shorten(inp.model_name, 64, placeholder="..."),
         software_versions=software_version(),
         coding_schemes=[codes.PRIVATE_SCHEME_IDENTIFICATION],
         content_date=moment.date(),
