@@ -392,6 +392,17 @@ def _raw_association(port: int) -> socket.socket:
     return sock
 
 
+def test_a_pdu_that_stalls_after_association_ends_with_the_network_time_out(
+        listener: ListenerProcess, baseline: tuple[int, int]) -> None:
+    sock = _raw_association(listener.port)
+    with sock:
+        sock.sendall(struct.pack(">BBL", P_DATA_TF, 0, 1000) + bytes(10))  # then nothing
+        answer = read_answer(sock, NETWORK_TIMEOUT + 10)
+    assert answer.closed and answer.seconds < NETWORK_TIMEOUT + 5, answer
+    good_association(listener.port)
+    listener.settle(*baseline)
+
+
 @pytest.mark.parametrize("pdu_type", [0x00, 0x08, 0xFF, 0x5A])
 def test_unknown_pdu_type_is_aborted_at_once(listener: ListenerProcess, pdu_type: int) -> None:
     answer = exchange(listener.port, pdu(pdu_type, b"\x00" * 10))  # we do not close
