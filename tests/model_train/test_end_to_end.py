@@ -63,18 +63,31 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> SmokeData:
                      root / "resnet18-imagenet.pth", root / "cache")
 
 
+#: The packaged smoke config is unpretrained only (no download); these tests compare a
+#: pretrained network too, from the local stand-in weights file.
+_SMOKE_NETWORKS = 'networks = ["UP-ResNet18", "UP-ResNet50"]'
+_WITH_PRETRAINED = ("UP-ResNet18", "P-ResNet18")
+
+
 def _config(d: SmokeData) -> Config:
     return with_overrides(
         load_config(Path("smoke")),
         data={"manifest": d.recognition, "manifestation_manifest": d.manifestation,
               "cache_dir": d.cache, "cache_workers": 1},
+        recognition={"networks": _WITH_PRETRAINED},
+        manifestation={"networks": _WITH_PRETRAINED},
+        evaluation={"study_network": "P-ResNet18"},
         pretrained={"resnet18": d.weights},
     )
 
 
 def _grid_config(tmp_path: Path) -> Path:
-    """The packaged smoke config with one manifestation fold, as a user's own file."""
+    """The packaged smoke config with one manifestation fold and a pretrained network, as a
+    user's own file."""
     text = (Path(__file__).parents[2] / "model_train" / "configs" / "smoke.toml").read_text()
+    assert text.count(_SMOKE_NETWORKS) == 2
+    text = text.replace(_SMOKE_NETWORKS, f"networks = {list(_WITH_PRETRAINED)}".replace("'", '"'))
+    text = text.replace('study_network = "UP-ResNet18"', 'study_network = "P-ResNet18"')
     head, sep, tail = text.partition("[manifestation]")
     path = tmp_path / "grid.toml"
     path.write_text(head + sep + tail.replace("folds = [0, 1]", "folds = [0]"))
