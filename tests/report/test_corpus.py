@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,14 +44,17 @@ from scp.outbox import CelerySender
 from scp.server import ScpService
 from tests.conftest import REPO_ROOT, SHARED_DATA, free_port, require_tool, wait_for
 from tests.report.conftest import StoreSCP
-from tests.report.corpus import Case, build_cases
+from tests.report.corpus import Case, build_cases, ct_small, for_empty, make_series
 from tests.report.test_empty_values import assert_valid
-from tests.worker.conftest import (  # noqa: F401 - session fixtures used here
+from tests.worker.conftest import (  # noqa: F401 - fixtures used here
     Checkpoints,
+    WorkerProcess,
     _env,
     analysis_settings,
     checkpoints,
+    redis_queue,
     small_rules,
+    start_worker,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
@@ -265,3 +268,51 @@ def test_every_object_at_the_pacs_is_valid(corpus: CorpusRun) -> None:
     assert len(files) == 3 * len(analysed)
     for path in files:
         assert_valid(path)
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_empty_frame_of_reference_through_redis_postgres_and_a_celery_worker(
+    tmp_path: Path, postgres_url: str, redis_url: str, redis_queue: str,  # noqa: F811
+    checkpoints: Checkpoints, small_rules: Path,  # noqa: F811
+    start_worker: Callable[..., WorkerProcess],  # noqa: F811
+) -> None:
+    """Issue 13's case in the production shape: what reaches the PACS is valid, the SR too."""
+    paths, study_uid = make_series(ct_small(), tmp_path / "series", edit=for_empty)
+    case = Case("redis-frame-of-reference-empty", tuple(paths), study_uid, ExplicitVRLittleEndian)
+    pacs = StoreSCP(tmp_path / "pacs", free_port())
+    pacs.start()
+    settings = analysis_settings(
+        tmp_path / "data", postgres_url, checkpoints, small_rules, host="127.0.0.1",
+        port=free_port(), quiet_seconds=1.0, outbox_poll_seconds=0.2, min_free_bytes=0,
+        broker_url=f"{redis_url}/0", min_lung_fraction=0.0, pacs_ae_title=pacs.ae_title,
+        pacs_host="127.0.0.1", pacs_port=pacs.port,
+    )
+    service = ScpService(settings, sender=CelerySender(settings, queue=redis_queue))
+    service.start()
+    worker = start_worker(settings, redis_queue, "corpus-redis", pool="prefork")
+    try:
+        answers = _send(case, service.port, tmp_path)
+        assert [a.status for a in answers] == [0] * len(paths), answers
+        engine = make_engine(postgres_url)
+
+        def delivered() -> list[Path] | None:
+            assert worker.proc.poll() is None, worker.output()
+            with session_scope(engine) as session:
+                states = list(session.scalars(select(Export.state)))
+            files = pacs.files()
+            done = states and set(states) == {"delivered"} and len(files) == len(states)
+            return files if done else None
+
+        try:
+            received = wait_for(delivered, timeout=300, message="the report objects delivered")
+        finally:
+            engine.dispose()
+        assert isinstance(received, list)
+        modalities = [pydicom.dcmread(p).Modality for p in received]
+        assert "SR" in modalities, modalities
+        for path in received:
+            assert_valid(path)
+    finally:
+        service.stop()
+        pacs.stop()
