@@ -76,8 +76,9 @@ def process_study(self: Task, study_version_id: int) -> dict[str, Any]:
         runtime.engine(settings), settings, models, study_version_id
     )
     if result.analysis_id is not None and result.outcome in (
-        service.Outcome.ANALYSED, service.Outcome.FAILED
-    ):  # a study called COVID-19, or failed: queued for the webhooks (db.alerts)
+        service.Outcome.ANALYSED, service.Outcome.FAILED, service.Outcome.ALREADY_DONE
+    ):  # a study called COVID-19, or failed: queued for the webhooks (db.alerts); again for a
+        # redelivered task (a crash before the alert was queued), which alerts only once
         alerts.emit(runtime.engine(settings), settings, "analysis", result.analysis_id)
     if result.outcome is service.Outcome.BUSY and not self.request.is_eager:
         if self.request.retries < MAX_RETRIES + busy_rechecks(settings):

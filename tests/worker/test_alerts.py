@@ -277,10 +277,16 @@ def test_a_worker_process_alerts_a_covid_study_and_an_unreachable_receiver_holds
         assert body["event"] == "study.covid19"
         assert body["study"]["study_instance_uid"] == stored.study_instance_uid
         assert not any(p.encode() in got.body for p in PHI)
+        def states() -> dict[str, str]:
+            with session_scope(engine) as s:
+                return {r.url: r.state for r in s.scalars(select(Alert))}
+
+        # the row is marked after the receiver answered
+        wait_for(lambda: states().get(receiver.url) == "delivered", timeout=30,
+                 message="the delivered alert recorded")
+        assert states()[down] == "pending"
         with session_scope(engine) as s:
             assert s.scalar(select(StudyVersion.state)) == "analysed"
-            states = {r.url: r.state for r in s.scalars(select(Alert))}
-        assert states[receiver.url] == "delivered" and states[down] == "pending"
         engine.dispose()
     finally:
         proc.terminate()
