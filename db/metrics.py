@@ -9,7 +9,7 @@ before children start (they inherit ``PROMETHEUS_MULTIPROC_DIR``); metric
 objects are therefore created lazily (:func:`scp.metrics.listener_metrics`,
 :func:`worker.metrics.worker_metrics`), never at import.
 
-The directory is ``$PROMETHEUS_MULTIPROC_DIR/<service>-<pid>`` (the system's
+The directory is ``$PROMETHEUS_MULTIPROC_DIR/ctdx-metrics-<service>-<pid>`` (the system's
 temporary directory when the variable is unset): the service's own, emptied
 when it starts and removed when it stops; directories of dead services are
 removed at the next start.
@@ -57,15 +57,16 @@ def prepare(service: str) -> Path:
     Idempotent within a process tree: a child that inherited the directory keeps it.
     """
     current = os.environ.get(ENV)
-    if current and os.environ.get(_BASE_ENV) and Path(current).name.startswith(f"{service}-"):
+    prefix = f"ctdx-metrics-{service}-"
+    if current and os.environ.get(_BASE_ENV) and Path(current).name.startswith(prefix):
         return Path(current)  # inherited from our own main process
     base = Path(current) if current else Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
-    for old in base.glob(f"{service}-*"):
-        pid_text = old.name.rsplit("-", 1)[1]
+    for old in base.glob(f"{prefix}*"):
+        pid_text = old.name[len(prefix):]
         if old.is_dir() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
             shutil.rmtree(old, ignore_errors=True)
-    path = base / f"{service}-{os.getpid()}"
+    path = base / f"{prefix}{os.getpid()}"
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     os.environ[ENV] = str(path)

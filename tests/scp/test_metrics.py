@@ -186,3 +186,50 @@ def test_dashboard_and_alert_rules_use_only_metrics_ctdx_serves() -> None:
     defaults = {str(Settings.model_fields[name].default)
                 for name in ("metrics_port", "worker_metrics_port")}
     assert ports == defaults
+
+
+_FORKS = """
+import os, sys
+from db import metrics
+from scp.metrics import listener_metrics
+path = metrics.prepare("listener")
+print(path)
+for n in range(3):
+    pid = os.fork()
+    if pid == 0:  # a listener process: counts, then exits without flushing anything
+        m = listener_metrics()
+        m.instances.labels(status="0x0000").inc(n + 1)
+        m.open_associations.inc()
+        os._exit(0)
+    os.waitpid(pid, 0)
+listener_metrics().open_associations.inc()
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)
+sys.stdout.write(generate_latest(registry).decode())
+"""
+
+
+def test_counts_of_forked_processes_add_up_and_stale_directories_go(tmp_path: Path) -> None:
+    """Multiprocess mode in a process of its own (it changes process-wide state)."""
+    import os
+    import sys
+
+    base = tmp_path / "prom"
+    dead = base / "ctdx-metrics-listener-999999999"  # a dead service's directory: removed
+    foreign = base / "worker-1"  # not ours: kept
+    for d in (dead, foreign):
+        d.mkdir(parents=True)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(base)}
+    env.pop("CTDX_METRICS_BASE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", _FORKS], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == str(base / f"ctdx-metrics-listener-{lines[0].rsplit('-', 1)[1]}")
+    assert 'ctdx_instances_received_total{status="0x0000"} 6.0' in out.stdout  # 1 + 2 + 3
+    # livesum: the children exited without being marked dead, so all four count (a crashed
+    # process's gauges stay until `db.metrics.process_exited`)
+    assert "ctdx_open_associations 4.0" in out.stdout
+    assert not dead.exists() and foreign.exists()
+    assert not Path(lines[0]).exists()  # removed when the service exited
