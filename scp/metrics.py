@@ -30,7 +30,14 @@ from scp.status import Status
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ListenerMetrics", "event_bindings", "listener_metrics", "observe_store", "start"]
+__all__ = [
+    "ListenerMetrics",
+    "event_bindings",
+    "listener_metrics",
+    "observe_store",
+    "process_exited",
+    "start",
+]
 
 _lock = threading.Lock()
 _metrics: ListenerMetrics | None = None
@@ -182,6 +189,14 @@ def _database_families(settings: Settings) -> Any:
                                 value=n.stale_claims)
 
     return families
+
+
+def process_exited(pid: int | None) -> None:
+    """A listener process ended: forget its live gauges (open associations)."""
+    if pid is not None:
+        from db.metrics import process_exited as forget
+
+        forget(pid)
 
 
 def start(settings: Settings) -> Any | None:

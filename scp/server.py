@@ -488,6 +488,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
                 if not child.is_alive():
                     logger.error("listener process %s exited (%s); restarting", child.name,
                                  child.exitcode)
+                    scp_metrics.process_exited(child.pid)  # its open associations are gone
                     replacement = spawn.Process(
                         target=_secondary_main, args=(settings, os.getpid(), i + 1),
                         name=child.name, daemon=False,
