@@ -216,7 +216,8 @@ class OutboxDispatcher:
             sent += 1
         return sent
 
-    def _probe_broker(self) -> None:
+    def _probe_broker(self, at_start: bool = True) -> None:
+        """Connect once (a sender without ``probe`` is taken as it is): said loudly at start."""
         probe = getattr(self.sender, "probe", None)
         if not callable(probe):
             return
@@ -225,11 +226,15 @@ class OutboxDispatcher:
         except BrokerUnavailable as exc:
             self._broker_down = True
             listener_metrics().broker_up.set(0)
-            logger.warning(
-                "broker unreachable at start (%s): completed studies will wait in the outbox "
-                "until it answers; check CTDX_BROKER_URL and that Redis runs", exc,
-            )
+            if at_start:
+                logger.warning(
+                    "broker unreachable at start (%s): completed studies will wait in the "
+                    "outbox until it answers; check CTDX_BROKER_URL and that Redis runs", exc,
+                )
             return
+        if self._broker_down:
+            logger.info("broker reachable again")
+            self._broker_down = False
         listener_metrics().broker_up.set(1)
 
     def reconcile(self) -> None:
@@ -250,6 +255,8 @@ class OutboxDispatcher:
         elif age <= settings.outbox_alert_seconds and self._backlog_warned:
             self._backlog_warned = False
             logger.info("outbox backlog cleared (%d waiting)", waiting)
+        if self._broker_down:  # no send told us otherwise (an empty outbox): look again
+            self._probe_broker(at_start=False)
         if self._broker_down:
             return  # republishing needs the broker; the outbox retries as usual
         for item in republish_stalled(

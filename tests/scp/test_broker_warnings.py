@@ -61,3 +61,28 @@ def test_wrong_broker_url_is_said_once_at_start_and_the_backlog_once(
         assert "Waiting now: 1 in the outbox (not yet handed to the broker)" in table.stdout
     finally:
         sender.close()
+
+
+def test_a_broker_that_comes_up_later_is_noticed_without_any_study(
+    start_scp_sqlite: Callable[..., Running], tmp_path: Path, sqlite_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Reconciliation needs the broker: the listener looks again, not only when it sends."""
+    from tests.scp.conftest import make_settings
+    from tests.worker.services import PrivateRedis
+
+    caplog.set_level(logging.INFO)
+    redis = PrivateRedis(tmp_path / "redis")  # its port is chosen; the server starts later
+    overrides = dict(broker_url=redis.url, claim_timeout=5, queued_timeout=5)
+    sender = CelerySender(make_settings(tmp_path, sqlite_url, **overrides))
+    try:
+        start_scp_sqlite(sender=sender, **overrides)
+        wait_for(lambda: _count(caplog, "broker unreachable at start") == 1, timeout=60,
+                 message="the start-up warning")
+        redis.start()
+        wait_for(lambda: "broker reachable again" in caplog.text, timeout=60,
+                 message="the listener to notice the broker")
+        assert _count(caplog, "broker unreachable at start") == 1
+    finally:
+        sender.close()
+        redis.stop()
