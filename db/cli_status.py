@@ -110,11 +110,11 @@ def status_command(
     output: StatusFormat = FormatOption,
     database_url: str | None = DatabaseUrlOption,
 ) -> None:
-    """Is ctdx healthy? Exit 0 healthy, 1 degraded, 2 down; one line per problem with what to do.
+    """Is ctdx healthy? Exit 0 healthy, 1 degraded, 2 down; a line per problem.
 
-    Checks the database, the broker, free disk under the data dir, that a listener and a
-    worker were seen recently, the outbox, studies queued but not taken, stale claims,
-    dead and overdue report exports.
+    Checks: the database, the broker, free disk under the data dir,
+    a listener and a worker seen in the last 90 s, the outbox,
+    studies queued but not taken, stale claims, dead and overdue reports.
     """
     settings = load_settings(database_url=database_url)
     at = utcnow()
