@@ -47,6 +47,20 @@ WeightsOpt = Annotated[list[str] | None, typer.Option(
 ClassMapOpt = Annotated[list[str] | None, typer.Option(
     "--class-map", help="NAME=CLASS: map a folder or table class name to covid19, "
     "other_pneumonia or normal; repeatable.")]
+SplitFileOpt = Annotated[Path | None, typer.Option(
+    "--split-file", help="CSV subject,role[,fold] (role train, val or test) instead of the "
+    "70/15/15 five-fold construction: e.g. all subjects in train for a small set, or another "
+    "site's subjects as test (docs/training.md).", exists=True, dir_okay=False)]
+
+
+def _with_split_file(cfg: object, split_file: Path | None) -> object:
+    """``cfg`` with ``split.file`` set from ``--split-file`` (unchanged without it)."""
+    from model_train.config import ConfigError, with_overrides
+
+    try:
+        return with_overrides(cfg, split={"file": split_file.absolute() if split_file else None})  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise _user_error(str(exc)) from None
 
 
 def _user_error(message: str) -> Exception:
@@ -250,6 +264,7 @@ def train_command(
     device: DeviceOpt = None,
     epochs: EpochsOpt = None,
     pretrained: WeightsOpt = None,
+    split_file: SplitFileOpt = None,
 ) -> None:
     """Train one network on one fold (the unit of `reproduce`)."""
     _configure_logging()
@@ -267,6 +282,7 @@ def train_command(
     if task not in ("recognition", "manifestation"):
         raise _user_error(f"--task must be recognition or manifestation, not {task!r}")
     cfg = _load(config, manifest, manifestation_manifest, cache_dir, device, epochs, pretrained)
+    cfg = _with_split_file(cfg, split_file)
     assert isinstance(cfg, Config)
     try:
         spec = RunSpec(task=task, network=NetworkSpec.parse(network), fold=fold)  # type: ignore[arg-type]
@@ -308,6 +324,7 @@ def reproduce_command(
     device: DeviceOpt = None,
     epochs: EpochsOpt = None,
     pretrained: WeightsOpt = None,
+    split_file: SplitFileOpt = None,
 ) -> None:
     """Run the paper's grid (4 networks x 5 folds, 2 x 5 for manifestations) and write the
     report (Tables 1-5, Figs. 4, 6, 7). Finished runs are skipped: run again to resume."""
@@ -317,6 +334,7 @@ def reproduce_command(
     from model_train.reproduce import reproduce
 
     cfg = _load(config, manifest, manifestation_manifest, cache_dir, device, epochs, pretrained)
+    cfg = _with_split_file(cfg, split_file)
     assert isinstance(cfg, Config)
     try:
         ensure_pretrained(cfg)  # before any work: offline machines fail here, not mid-grid
@@ -331,7 +349,8 @@ def reproduce_command(
         command = _command_line(
             "ctdx", "train", "reproduce", config, "--manifest", manifest,
             "--manifestation-manifest", manifestation_manifest, "--cache-dir", cache_dir,
-            "--device", device, "--epochs", epochs, "--pretrained", pretrained, "--out", out)
+            "--device", device, "--epochs", epochs, "--pretrained", pretrained,
+            "--split-file", split_file, "--out", out)
         result = reproduce(cfg, out, command=command, progress=sys.stderr.isatty(),
                            on_run=on_run)
     except _expected_errors() as exc:
@@ -342,17 +361,40 @@ def reproduce_command(
 
 @train_app.command("evaluate")
 def evaluate_command(
-    run: Annotated[Path, typer.Argument(help="Run root of `reproduce` (or of `train` runs).",
-                                        exists=True, file_okay=False)],
+    run: Annotated[Path, typer.Argument(
+        help="Run root of `reproduce` (or of `train` runs), or an exported model file "
+        "(with --manifest and --out).", exists=True)],
     config: Annotated[str | None, typer.Option(
-        "--config", help="Config for the report (default: the run root's config.toml).")] = None,
+        "--config", help="Config for the report (default: the run root's config.toml; for "
+        "a model file: 'paper').")] = None,
     threshold: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="Study-level threshold (share of slices called COVID-19).")] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", help="With a model file: the labelled external set (manifest CSV).",
+        exists=True, dir_okay=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="With a model file: folder for the run and its report/.")] = None,
+    cache_dir: CacheOpt = None,
+    device: DeviceOpt = None,
+    precision: Annotated[str, typer.Option(
+        help="With a model file: fp32, int8 (needs int8 weights), bf16 or auto (what a "
+        "worker on this machine serves).")] = "fp32",
+    split_file: Annotated[Path | None, typer.Option(
+        "--split-file", help="With a model file: evaluate only the test subjects of this "
+        "CSV subject,role[,fold].", exists=True, dir_okay=False)] = None,
 ) -> None:
-    """Re-write the report of finished runs (e.g. at another study threshold)."""
+    """Re-write the report of finished runs (e.g. at another study threshold), or evaluate an
+    exported model on an external labelled manifest: the paper's tables for that set."""
     _configure_logging()
     import json
     import tomllib
+
+    if run.is_file():
+        _evaluate_model(run, manifest, out, config, threshold, cache_dir, device, precision,
+                        split_file)
+        return
+    if manifest is not None or out is not None:
+        raise _user_error("--manifest and --out go with an exported model file, not a run root")
 
     from model_train.config import config_from_dict, load_config, with_overrides
     from model_train.report import write_report
@@ -375,6 +417,34 @@ def evaluate_command(
     typer.echo(f"report: {report / 'README.md'}")
 
 
+def _evaluate_model(model: Path, manifest: Path | None, out: Path | None, config: str | None,
+                    threshold: float | None, cache_dir: Path | None, device: str | None,
+                    precision: str, split_file: Path | None) -> None:
+    """``evaluate MODEL --manifest EXTERNAL.csv --out DIR`` (model_train.external)."""
+    from model_train.config import Config, with_overrides
+    from model_train.external import evaluate_external
+
+    if manifest is None or out is None:
+        raise _user_error(f"{model} is a model file: give --manifest EXTERNAL.csv and --out DIR")
+    if precision not in ("fp32", "int8", "bf16", "auto"):
+        raise _user_error(f"--precision must be fp32, int8, bf16 or auto, not {precision!r}")
+    cfg = _load(config or "paper", cache_dir=cache_dir, device=device)
+    assert isinstance(cfg, Config)
+    try:
+        cfg = with_overrides(cfg, evaluation={"threshold": threshold})
+        result = evaluate_external(model, manifest, out, cfg, split_file,
+                                   precision,  # type: ignore[arg-type]
+                                   _command_line("ctdx", "train", "evaluate", model,
+                                                 "--manifest", manifest, "--out", out,
+                                                 "--config", config, "--threshold", threshold,
+                                                 "--precision", precision,
+                                                 "--split-file", split_file))
+    except _expected_errors() + (ValueError,) as exc:
+        raise _user_error(str(exc)) from None
+    typer.echo(f"{result.slices} slices, {result.studies} studies; report: "
+               f"{result.report / 'README.md'}")
+
+
 @train_app.command("export")
 def export_command(
     run: Annotated[Path, typer.Argument(help="A run folder (<task>/<network>/fold-<k>) or a "
@@ -394,6 +464,9 @@ def export_command(
     int8_min_agreement: Annotated[float, typer.Option(
         "--int8-min-agreement", min=0.0, max=1.0,
         help="Refuse the int8 weights when they call fewer held-out slices as fp32 does.")] = 0.99,
+    split_file: Annotated[Path | None, typer.Option(
+        "--split-file", help="Split for the int8 calibration and check instead of the one the "
+        "run recorded (split.json).", exists=True, dir_okay=False)] = None,
 ) -> None:
     """Write the worker's checkpoint (new model UID, classes, preprocessing, data summary)."""
     _configure_logging()
@@ -403,7 +476,8 @@ def export_command(
         raise _user_error(f"--task must be recognition or manifestation, not {task!r}")
     try:
         exported = export_run(run, out, model_name, model_version, task,  # type: ignore[arg-type]
-                              network, int8=int8, min_agreement=int8_min_agreement)
+                              network, int8=int8, min_agreement=int8_min_agreement,
+                              split_file=split_file)
     except _expected_errors() as exc:
         raise _user_error(str(exc)) from None
     m = exported.meta
@@ -415,11 +489,13 @@ def export_command(
 def synthetic_data_command(
     out: Annotated[Path, typer.Option("--out", help="New (or empty) folder to write into.")],
     subjects_per_class: Annotated[int, typer.Option(
-        min=3, help="Phantom subjects per class (COVID-19, CAP, normal).")] = 7,
-    slices: Annotated[int, typer.Option(min=4, help="Slices per phantom series.")] = 16,
-    size: Annotated[int, typer.Option(min=64, help="Phantom image size in pixels.")] = 128,
+        min=3, metavar="N", help="Phantom subjects per class (COVID-19, CAP, normal).")] = 7,
+    slices: Annotated[int, typer.Option(min=4, metavar="N",
+                                        help="Slices per phantom series.")] = 16,
+    size: Annotated[int, typer.Option(min=64, metavar="PIXELS",
+                                      help="Phantom image size.")] = 128,
     manifestation_per_class: Annotated[int, typer.Option(
-        min=3, help="Manifestation images per class (ground glass, consolidation, "
+        min=3, metavar="N", help="Manifestation images per class (ground glass, consolidation, "
         "fibrotic streaks).")] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the phantoms.")] = 0,
 ) -> None:

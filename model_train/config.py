@@ -75,6 +75,9 @@ class SplitConfig:
     seed: int = 0
     folds: int = 5
     holdout_percent: int = 30
+    file: Path | None = None
+    """Split file (CSV subject,role[,fold]; ``model_train.split_file``): replaces the ring
+    construction above; validation and test sets may then be empty."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,15 @@ class TrainConfig:
     flip_p: float = 0.5
     max_train_slices: int = 0
     """Cap on training slices per run (seeded sample; 0 = all): for smoke runs only."""
+    bn_recalibration: bool = True
+    """Re-estimate batch-norm running statistics on training slices (no augmentation)
+    before every validation (``model_train.bn``): eval mode then matches train mode."""
+    bn_slices: int = 1024
+    """Training slices (seeded sample) for the batch-norm re-estimate and for the
+    per-epoch eval-mode accuracy on training slices."""
+    select_window: int = 3
+    """The model kept is the last epoch of the best moving average of validation
+    accuracy over this many epochs (1 = the best single epoch)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,8 @@ class Config:
             tc = self.task(task)
             tc.network_specs()
             bad = [k for k in tc.folds if not 0 <= k < self.split.folds]
+            if self.split.file is not None:
+                bad = [k for k in tc.folds if k < 0]  # the file numbers its folds
             if bad:
                 raise ConfigError(f"{task}.folds {bad} outside 0..{self.split.folds - 1}")
             if (tc.head_lr is None) != (tc.backbone_lr is None):
@@ -175,6 +189,8 @@ class Config:
                 if v is not None and not v > 0:
                     raise ConfigError(f"{task}.{name} must be positive")
         NetworkSpec.parse(self.evaluation.study_network)
+        if self.train.select_window < 1 or self.train.bn_slices < 1:
+            raise ConfigError("train.select_window and train.bn_slices must be at least 1")
         if self.train.epochs < 1 or self.train.batch_size < 1:
             raise ConfigError("train.epochs and train.batch_size must be at least 1")
         if not 0 <= self.evaluation.threshold <= 1:

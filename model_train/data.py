@@ -118,6 +118,16 @@ def study_manifest(config: Config) -> Manifest:
 
 
 def task_folds(config: Config, task: Task, manifest: Manifest) -> tuple[Split, ...]:
+    """The folds of ``task``: from ``split.file`` when set, else the ring construction.
+
+    The split file names subjects of the recognition manifest; a separate manifestation
+    manifest (``data.manifestation_manifest``) keeps the ring construction.
+    """
+    own_manifest = task == "recognition" or config.data.manifestation_manifest is None
+    if config.split.file is not None and own_manifest:
+        from model_train.split_file import folds_from_file
+
+        return folds_from_file(config.split.file, manifest, task_unit(task))
     make = recognition_folds if task == "recognition" else manifestation_folds
     return make(manifest, config.split.seed, config.split.folds, config.split.holdout_percent)
 
@@ -135,6 +145,9 @@ def ensure_cached(config: Config, manifest: Manifest, params: PreprocessParams,
 def _slice_set(config: Config, task: Task, manifest: Manifest, keys: tuple[str, ...],
                params: PreprocessParams, name: str) -> SliceSet:
     """The usable slices of the rows whose unit key is in ``keys``."""
+    classes = classes_for(task)
+    if not keys and name != "train":  # a split file may leave validation or test empty
+        return empty_slice_set(config.preprocess.size)
     rows = rows_in(manifest, keys, task_unit(task))
     sources = expand_rows(rows)
     cached = load_cached(sources, config.data.cache_dir, params)
@@ -143,7 +156,6 @@ def _slice_set(config: Config, task: Task, manifest: Manifest, keys: tuple[str, 
     if dropped_lung:
         logger.info("%s: %d slices left out (lung under %.0f%% of the image)",
                     name, dropped_lung, 100 * config.data.min_lung_fraction)
-    classes = classes_for(task)
     labels = []
     for s in sources:
         row = rows[s.row]
@@ -161,6 +173,18 @@ def _slice_set(config: Config, task: Task, manifest: Manifest, keys: tuple[str, 
     )
 
 
+def load_slice_set(config: Config, task: Task, manifest: Manifest, keys: tuple[str, ...],
+                   params: PreprocessParams, name: str) -> SliceSet:
+    """The usable cached slices of the rows whose unit key is in ``keys`` (one set)."""
+    return _slice_set(config, task, manifest, keys, params, name)
+
+
+def empty_slice_set(size: int) -> SliceSet:
+    """A set with no slices (an empty validation or test set of a split file)."""
+    return SliceSet(torch.zeros((0, 1, size, size), dtype=torch.uint8),
+                    torch.zeros(0, dtype=torch.int64), (), (), ())
+
+
 def load_task_data(config: Config, task: Task, split: Split, manifest: Manifest,
                    params: PreprocessParams, studies: Manifest | None = None) -> TaskData:
     """The three sets of one fold, read from the (already built) cache.
@@ -171,7 +195,7 @@ def load_task_data(config: Config, task: Task, split: Split, manifest: Manifest,
     sets = {name: _slice_set(config, task, manifest, getattr(split, name), params, name)
             for name in SET_NAMES}
     test_studies = None
-    if studies is not None and task == "recognition":
+    if studies is not None and task == "recognition" and split.test:
         test_studies = _slice_set(config, task, studies, split.test, params, "test studies")
     cap = config.train.max_train_slices
     if cap and len(sets["train"]) > cap:

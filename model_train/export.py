@@ -11,7 +11,8 @@ With ``int8=True`` the checkpoint also carries int8 weights for CPU serving
 (``model_train.method.quantize``): calibrated on the run's training slices and
 checked against fp32 on its validation and test slices (read from the run's
 preprocessing cache); the export fails when they agree less than
-``min_agreement``.
+``min_agreement``. The split is the one the run recorded (``split.json``), never
+rebuilt from the configuration (``split_file`` overrides it).
 
 ``RUN`` is either one run folder (``.../<task>/<network>/fold-<k>``) or the root
 of a reproduction. From a root, the network is the one given, else the one with
@@ -26,7 +27,7 @@ import logging
 import math
 import tomllib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from model_train.method.classes import Task
 from model_train.method.networks import build_resnet
 from model_train.metrics import mean_sd
 from model_train.report import collect_runs
+from model_train.splits import Split, read_split
 from model_train.train import load_train_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -72,13 +74,17 @@ def choose_run(root: Path, task: Task, network: str | None = None) -> Path:
     if network is None:
         by_net: dict[str, list[float]] = {}
         for r in runs:
-            by_net.setdefault(r.network, []).append(
-                float(r.result["validation"]["overall_accuracy"]))
+            by_net.setdefault(r.network, []).append(_val_accuracy(r.result))
         best_net = max(by_net, key=lambda n: mean_sd(by_net[n])[0])
         runs = [r for r in runs if r.network == best_net]
-    best = max(runs, key=lambda r: (float(r.result["validation"]["overall_accuracy"]),
-                                    -r.fold))
+    best = max(runs, key=lambda r: (_val_accuracy(r.result), -r.fold))
     return best.path
+
+
+def _val_accuracy(result: dict[str, Any]) -> float:
+    """Validation accuracy for choosing a run; -inf without a validation set."""
+    v = _overall(result, "validation")
+    return -math.inf if v is None else float(v)
 
 
 def export_run(
@@ -90,6 +96,7 @@ def export_run(
     network: str | None = None,
     int8: bool = False,
     min_agreement: float = 0.99,
+    split_file: Path | None = None,
 ) -> Exported:
     """Write the worker checkpoint of ``run`` (a run folder or a reproduction root) to ``out``."""
     run = Path(run)
@@ -116,31 +123,60 @@ def export_run(
         "split_seed": config.split.seed,
         "slice_policy": config.data.slice_policy,
         "sets": result["data"],
-        "validation_overall_accuracy": result["validation"]["overall_accuracy"],
-        "test_overall_accuracy": result["test"]["overall_accuracy"],
+        "validation_overall_accuracy": _overall(result, "validation"),
+        "test_overall_accuracy": _overall(result, "test"),
+        "selection": result.get("selection"),
         "pretrained": spec.pretrained,
     }
     meta = CheckpointMeta.new(
         task=run_task, arch=spec.arch, model_name=name, model_version=model_version,
         training_data=_plain(training_data), preprocess=config.preprocess_params(),
     )
-    weights8 = _run_int8(model, config, run_task, int(result["fold"]), min_agreement) \
-        if int8 else None
+    weights8 = _run_int8(model, config, run_task, run_split(run, split_file, config, run_task),
+                         min_agreement) if int8 else None
     save_checkpoint(out, model, meta, int8=weights8)
     logger.info("exported %s as %s %s (uid %s)", run, name, model_version, meta.model_uid)
     return Exported(Path(out), meta, run)
 
 
-def _run_int8(model: nn.Module, config: Config, task: Task, fold: int,
+def _overall(result: dict[str, Any], name: str) -> float | None:
+    part = result.get(name)
+    return None if part is None else typing.cast(float | None, part["overall_accuracy"])
+
+
+def run_split(run: Path, split_file: Path | None, config: Config, task: Task) -> Split:
+    """The split a run used: its ``split.json`` (written by every run), or, when given, fold
+    ``result.fold`` of a split file; rebuilt from the config only for runs without one."""
+    from model_train.data import task_folds, task_manifest
+
+    fold = int(json.loads((run / "result.json").read_text())["fold"])
+    if split_file is not None:
+        config = replace(config, split=replace(config.split, file=Path(split_file)))
+    elif (run / "split.json").is_file():
+        return read_split(run / "split.json")
+    folds = task_folds(config, task, task_manifest(config, task))
+    if not 0 <= fold < len(folds):
+        raise ExportError(f"{run}: fold {fold} is not in the split (folds 0..{len(folds) - 1})")
+    return folds[fold]
+
+
+def _run_int8(model: nn.Module, config: Config, task: Task, split: Split,
               min_agreement: float) -> Int8Weights:
-    """int8 weights from the run's own fold: train slices calibrate, held-out slices check."""
-    from model_train.data import SliceSet, load_task_data, task_folds, task_manifest
+    """int8 weights from the run's own split: train slices calibrate, held-out slices check
+    (the training slices when the split has no validation or test set)."""
+    from model_train.data import SliceSet, load_task_data, task_manifest
     from model_train.int8 import int8_weights
 
     params = config.preprocess_params()
     manifest = task_manifest(config, task)
-    data = load_task_data(config, task, task_folds(config, task, manifest)[fold], manifest,
-                          params)
+    data = load_task_data(config, task, split, manifest, params)
+    fold = split.fold
+    if len(data.validation) + len(data.test) == 0:
+        return int8_weights(model, params, data.train, data.train,
+                            calibration_source=f"training set of fold {fold}",
+                            evaluation_source=f"training set of fold {fold} (no held-out "
+                                              f"set in the split; {len(data.train)} slices)",
+                            min_agreement=min_agreement, seed=config.split.seed)
     held_out = SliceSet(
         torch.cat([data.validation.gray, data.test.gray]),
         torch.cat([data.validation.labels, data.test.labels]),

@@ -381,24 +381,70 @@ def _data_summary(runs: Sequence[RunRecord], data_summary: dict[str, Any]) -> li
     return lines + [""]
 
 
+def epochs_table(runs: Sequence[RunRecord], out: Path) -> Path:
+    """``epochs.md``: each run's ``history.csv`` (train mode vs eval mode, the kept epoch)."""
+
+    def cell(row: dict[str, str], key: str) -> str:
+        v = row.get(key, "")
+        try:
+            f = float(v)
+        except ValueError:
+            return "n/a"
+        return "n/a" if math.isnan(f) else f"{f:.3f}"
+
+    lines = ["# Per epoch: train mode vs eval mode", "",
+             "train mode: accuracy during the epoch's training pass (batch statistics, "
+             "augmented); eval mode: accuracy on a fixed sample of training slices in eval "
+             "mode after the batch-norm re-estimate (`model_train.bn`); the epoch kept is the "
+             "last of the best moving average of validation accuracy (`train.select_window`).",
+             ""]
+    for r in runs:
+        hist = r.path / "history.csv"
+        if not hist.is_file():
+            continue
+        with hist.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        rule = (r.result.get("selection") or {}).get("rule", "best validation accuracy")
+        lines += [f"## {r.task} {r.network} fold {r.fold}", "", f"Kept: epoch "
+                  f"{r.result.get('best_epoch')} ({rule}).", "",
+                  "| epoch | train mode | eval mode (training slices) | validation | "
+                  "validation, moving average | kept |", "|---|---|---|---|---|---|"]
+        for row in rows:
+            kept = "yes" if str(row.get("epoch")) == str(r.result.get("best_epoch")) else ""
+            lines.append(f"| {row.get('epoch')} | {cell(row, 'train_accuracy')} | "
+                         f"{cell(row, 'train_eval_accuracy')} | {cell(row, 'val_accuracy')} | "
+                         f"{cell(row, 'val_accuracy_window')} | {kept} |")
+        lines.append("")
+    path = out / "epochs.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def write_report(root: Path, config: Config, command: str = "",
                  data_summary: dict[str, Any] | None = None) -> Path:
     """Write ``<root>/report/`` from the finished runs under ``root``; returns the folder."""
-    runs = collect_runs(root)
-    if not runs:
+    all_runs = collect_runs(root)
+    if not all_runs:
         raise ReportError(f"no finished runs (result.json) under {root}")
+    # runs of a split file without a test set have no test numbers; they are listed only
+    runs = [r for r in all_runs if r.result.get("test") is not None]
     out = root / "report"
     out.mkdir(parents=True, exist_ok=True)
+    epochs_table(all_runs, out)
     written = []
     for task in ("recognition", "manifestation"):
         if any(r.task == task for r in runs):
             sens_spec_table(runs, config, task, out)
             accuracy_table(runs, config, task, out)
             written += list(TASK_TABLES[task])
-    auc_table(runs, config, out)
-    fig4_roc(runs, config, out)
-    figures = ["fig4-roc.png"]
-    study = study_level(runs, config, out)
+    figures = []
+    study = None
+    if runs:
+        auc_table(runs, config, out)
+        written.append("auc")
+        fig4_roc(runs, config, out)
+        figures.append("fig4-roc.png")
+        study = study_level(runs, config, out)
     if study is not None:
         pooled, curve = study
         fig6_threshold(curve, config, out)
@@ -421,14 +467,20 @@ def write_report(root: Path, config: Config, command: str = "",
         "this folder's parent; none is copied from the paper.",
         "",
         "## Tables", "",
-        *[f"- [{t}]({t}.md) ([csv]({t}.csv))" for t in [*written, "auc"]],
+        *[f"- [{t}]({t}.md) ([csv]({t}.csv))" for t in written],
+        *([] if runs else ["- none: no run has a test set (its split file names no test "
+                           "subject)"]),
+        "- [epochs](epochs.md): per epoch, train-mode and eval-mode accuracy on training "
+        "slices, validation accuracy and the epoch kept",
         "",
         "## Figures", "",
         *[f"- [{f}]({f})" for f in figures],
         "",
-        *_data_summary(runs, data_summary or {}),
+        *_data_summary(all_runs, data_summary or {}),
     ]
     for t in written:
+        if t == "auc":
+            continue
         lines += [(out / f"{t}.md").read_text(), ""]
     (out / "README.md").write_text("\n".join(lines))
     logger.info("report written to %s", out)

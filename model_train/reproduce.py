@@ -66,7 +66,7 @@ def reproduce(
         ensure_cached(config, studies or manifest, params, progress=progress)
         if studies is not None:
             ensure_cached(config, manifest, params, progress=progress)
-        selected = tc.folds or tuple(range(len(folds)))
+        selected = tuple(k for k in tc.folds if k < len(folds)) or tuple(range(len(folds)))
         for k in selected:
             specs = [RunSpec(task, net, k) for net in tc.network_specs()]
             todo = [s for s in specs if not run_is_done(run_dir(root, s))]

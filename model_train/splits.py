@@ -128,16 +128,22 @@ def make_folds(
         test = _window(ring, start + half, start + holdout_percent)
         held = set(validation) | set(test)
         if not validation or not test:
-            raise SplitError(
-                f"fold {k}: {len(ring)} items are too few for non-empty validation and test "
-                f"sets ({holdout_percent / 2:g}% each); need at least "
-                f"{int(200 / holdout_percent) + 1}"
-            )
+            raise SplitError(f"fold {k}: " + too_few_message(len(ring), holdout_percent))
         train = tuple(key for key in ring if key not in held)
         if not train:
             raise SplitError(f"fold {k}: no items left for training")
         folds.append(Split(k, train, validation, test))
     return tuple(folds)
+
+
+def too_few_message(n_items: int, holdout_percent: int) -> str:
+    """What a researcher can do when the ring split cannot be built (small data sets)."""
+    need = int(200 / holdout_percent) + 1
+    return (f"{n_items} items are too few for non-empty validation and test sets "
+            f"({holdout_percent / 2:g}% each); need at least {need}. With fewer, use "
+            f"--split-file FILE (CSV subject,role[,fold]; role train, val or test): e.g. "
+            f"all {n_items} subjects in train (the last epoch is kept), or another site's "
+            f"subjects as test (docs/training.md, 'Small data sets')")
 
 
 def adjacent_overlap(a: Split, b: Split) -> set[str]:

@@ -8,6 +8,12 @@ epochs, random crop and horizontal flip (the method's ``train_augment``), and
 the model kept is the one with the best validation accuracy (ties: lower
 validation loss).
 
+Before every validation the batch-norm running statistics are re-estimated on a
+fixed sample of training slices (:mod:`model_train.bn`), so eval mode matches
+train mode; ``history.csv`` records both accuracies per epoch
+(``train_accuracy``: train mode, during the epoch; ``train_eval_accuracy``: eval
+mode on the training sample).
+
 One run writes to its folder:
 
 - ``config.toml``: the effective config; ``split.json``: the fold's item keys;
@@ -15,7 +21,9 @@ One run writes to its folder:
   config as a plain dict, written after every epoch (``--resume`` continues from
   it; random draws are derived from (seed, epoch), so a resumed run sees the
   same batches as an uninterrupted one);
-- ``checkpoint-best.pt``: the weights of the best validation epoch;
+- ``checkpoint-best.pt``: the weights of the kept epoch: the last epoch of the best
+  ``train.select_window``-epoch moving average of validation accuracy (ties: lower
+  validation loss), or the last epoch when a split file leaves no validation set;
 - ``history.csv``; ``predictions-test.csv`` / ``predictions-validation.csv``:
   per slice, the subject, study, true class and class probabilities of the best
   model; recognition also ``predictions-test-studies.csv``: every slice the worker
@@ -48,6 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model_train.bn import recalibrate_bn, sample_indices, subset
 from model_train.config import Config, ConfigError, NetworkSpec, dump_toml, load_config, to_dict
 from model_train.data import SliceSet, TaskData
 from model_train.method.classes import Task
@@ -339,7 +348,10 @@ def run_training(
 
     history: list[dict[str, float]] = []
     start_epoch = 0
-    best = {"epoch": -1, "accuracy": -math.inf, "loss": math.inf}
+    best = {"epoch": -1, "accuracy": -math.inf, "loss": math.inf, "score": -math.inf}
+    # fixed training sample: batch-norm re-estimate and eval-mode accuracy on training slices
+    bn_sample = subset(data.train, sample_indices(len(data.train), tcfg.bn_slices, tcfg.seed))
+    has_validation = len(data.validation) > 0
     last_path, best_path = out_dir / "checkpoint-last.pt", out_dir / "checkpoint-best.pt"
     if resume and last_path.is_file():
         ckpt = load_train_checkpoint(last_path)
@@ -350,6 +362,7 @@ def run_training(
         start_epoch = int(ckpt["epoch"]) + 1
         history = list(ckpt["history"])
         best = dict(ckpt["best"])
+        best.setdefault("score", best["accuracy"])
         logger.info("%s: resuming after epoch %d", spec.name, start_epoch - 1)
     elif resume:
         logger.info("%s: nothing to resume, starting at epoch 0", spec.name)
@@ -358,16 +371,30 @@ def run_training(
         gen = epoch_generator(tcfg.seed, epoch)
         stats = train_one_epoch(model, criterion, optimizer, data.train, params, augment, device,
                                 tcfg.batch_size, gen, tcfg.amp, tcfg.channels_last, on_batch)
-        val = evaluate(model, criterion, data.validation, params, device, tcfg.eval_batch_size,
-                       tcfg.amp, tcfg.channels_last)
+        if tcfg.bn_recalibration:
+            recalibrate_bn(model, bn_sample.gray, params, device, tcfg.batch_size,
+                           tcfg.channels_last)
+        on_train = evaluate(model, criterion, bn_sample, params, device, tcfg.eval_batch_size,
+                            tcfg.amp, tcfg.channels_last)
+        val = (evaluate(model, criterion, data.validation, params, device,
+                        tcfg.eval_batch_size, tcfg.amp, tcfg.channels_last)
+               if has_validation else None)
         row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-               "val_loss": val.loss, "val_accuracy": val.accuracy, "seconds": stats.seconds,
-               "images_per_second": stats.images_per_second}
+               "train_eval_accuracy": on_train.accuracy,
+               "val_loss": val.loss if val else math.nan,
+               "val_accuracy": val.accuracy if val else math.nan,
+               "seconds": stats.seconds, "images_per_second": stats.images_per_second}
         history.append(row)
-        improved = (val.accuracy > best["accuracy"]
-                    or (val.accuracy == best["accuracy"] and val.loss < best["loss"]))
+        score = selection_score(history, tcfg.select_window)
+        row["val_accuracy_window"] = score
+        if val is None:
+            improved = True  # no validation set: the last epoch is kept
+        else:
+            improved = (score > best["score"]
+                        or (score == best["score"] and val.loss < best["loss"]))
         if improved:
-            best = {"epoch": epoch, "accuracy": val.accuracy, "loss": val.loss}
+            best = {"epoch": epoch, "accuracy": val.accuracy if val else math.nan,
+                    "loss": val.loss if val else math.nan, "score": score}
             _atomic_save({"format": TRAIN_CHECKPOINT_FORMAT, "run": spec.name, "epoch": epoch,
                           "model": _state_cpu(model), "config": to_dict(config)}, best_path)
         _atomic_save({
@@ -375,8 +402,9 @@ def run_training(
             "model": _state_cpu(model), "optimizer": optimizer.state_dict(),
             "history": history, "best": best, "config": to_dict(config),
         }, last_path)
-        logger.info("%s epoch %d: loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f img/s",
-                    spec.name, epoch, stats.loss, stats.accuracy, val.loss, val.accuracy,
+        logger.info("%s epoch %d: loss %.4f acc %.4f (eval mode %.4f) | val loss %.4f acc %.4f "
+                    "| %.1f img/s", spec.name, epoch, stats.loss, stats.accuracy,
+                    on_train.accuracy, row["val_loss"], row["val_accuracy"],
                     stats.images_per_second)
         if on_epoch:
             on_epoch(epoch, row)
@@ -389,10 +417,13 @@ def run_training(
                                "fold": spec.fold, "best_epoch": best["epoch"],
                                "epochs": tcfg.epochs, "device": str(device)}
     for name in ("validation", "test"):
-        subset: SliceSet = getattr(data, name)
-        ev = evaluate(model, criterion, subset, params, device, tcfg.eval_batch_size,
+        part: SliceSet = getattr(data, name)
+        if len(part) == 0:  # a split file without this set
+            results[name] = None
+            continue
+        ev = evaluate(model, criterion, part, params, device, tcfg.eval_batch_size,
                       tcfg.amp, tcfg.channels_last)
-        _write_predictions(out_dir / f"predictions-{name}.csv", subset, ev, data.classes)
+        _write_predictions(out_dir / f"predictions-{name}.csv", part, ev, data.classes)
         results[name] = _metrics_dict(ev, data.classes)
     if data.test_studies is not None:
         ev = evaluate(model, criterion, data.test_studies, params, device, tcfg.eval_batch_size,
@@ -400,9 +431,26 @@ def run_training(
         _write_predictions(out_dir / "predictions-test-studies.csv", data.test_studies, ev,
                            data.classes)
     results["data"] = data.summary()
+    results["selection"] = {
+        "rule": (f"best {tcfg.select_window}-epoch moving average of validation accuracy"
+                 if has_validation else "no validation set: last epoch"),
+        "bn_recalibration": tcfg.bn_recalibration,
+    }
     (out_dir / "result.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    test_accuracy = (float(results["test"]["overall_accuracy"]) if results["test"] is not None
+                     else math.nan)
     return RunResult(spec, out_dir, int(best["epoch"]), float(best["accuracy"]),
-                     float(results["test"]["overall_accuracy"]), len(history))
+                     test_accuracy, len(history))
+
+
+def selection_score(history: list[dict[str, float]], window: int) -> float:
+    """Mean validation accuracy of the last ``window`` epochs (fewer at the start).
+
+    The model kept is the epoch where this is highest (ties: lower validation loss):
+    one lucky epoch between poor ones does not win, a stretch of good ones does.
+    """
+    vals = [float(h["val_accuracy"]) for h in history[-window:]]
+    return float(np.mean(vals)) if vals else math.nan
 
 
 def _json_default(value: Any) -> Any:
@@ -417,7 +465,8 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
     if not history:
         return
     with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(history[0]))
+        names = list(dict.fromkeys(k for h in history for k in h))  # resumed old runs
+        w = csv.DictWriter(fh, fieldnames=names, restval="")
         w.writeheader()
         w.writerows(history)
 
