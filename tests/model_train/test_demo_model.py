@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from db.settings import load_settings
-from model_train.demo_model import DEMO_NOTICE, ensure_demo_models, write_demo_model
+from model_train.demo_model import NAME_NOTICE, ensure_demo_models, write_demo_model
 from model_train.method.checkpoint import load_checkpoint, read_checkpoint_meta
 from model_train.phantom import PhantomKind, write_phantom_series
 from worker.loading import order_series
@@ -52,10 +52,16 @@ def test_demo_models_are_labelled_and_cached(demo_dir: Path, tmp_path: Path,
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
     rec = load_checkpoint(demo_dir / "recognition.pt", task="recognition")
     man = load_checkpoint(demo_dir / "manifestation.pt", task="manifestation")
-    for meta, arch in ((rec.meta, "resnet50"), (man.meta, "resnet18")):
-        assert DEMO_NOTICE in meta.model_name
+    for loaded, arch in ((rec, "resnet50"), (man, "resnet18")):
+        meta = loaded.meta
+        assert NAME_NOTICE in meta.model_name
+        assert len(meta.model_name) <= 64  # Manufacturer's Model Name in the SR is LO
         assert meta.arch == arch
         assert meta.training_data["synthetic"] is True
+        # int8 weights that passed their check against fp32 on held-out phantoms (the
+        # recognition network's were refused while its batch-norm statistics were off)
+        assert loaded.int8 is not None, arch
+        assert loaded.int8.report.argmax_agreement >= 0.99
     start = time.perf_counter()
     out = write_demo_model(tmp_path / "demo.pt", cache_dir=demo_dir.parent)
     assert time.perf_counter() - start < 5  # cached: no training
