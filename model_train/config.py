@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from model_train.manifest import SlicePolicy
+from model_train.manifest import SLICE_POLICIES, SlicePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class DataConfig:
     """Separate manifest for the manifestation task (default: rows of ``manifest``)."""
     cache_dir: Path = Path("ctdx-train-cache")
     slice_policy: SlicePolicy = "lesion_only"
+    """Recognition slices and labels: ``lesion_only`` (default), ``all`` (the paper's study
+    labels) or ``slice_labels`` (lesion-free slices of pneumonia studies as normal);
+    recorded in exported checkpoints (``model_train.manifest.SlicePolicy``)."""
     min_lung_fraction: float = 0.02
     """Slices whose lung mask covers less of the image are left out, as the worker skips them."""
     cache_workers: int = 2
@@ -195,8 +198,8 @@ class Config:
             raise ConfigError("train.epochs and train.batch_size must be at least 1")
         if not 0 <= self.evaluation.threshold <= 1:
             raise ConfigError("evaluation.threshold must be in [0, 1]")
-        if self.data.slice_policy not in ("all", "lesion_only"):
-            raise ConfigError("data.slice_policy must be 'all' or 'lesion_only'")
+        if self.data.slice_policy not in SLICE_POLICIES:
+            raise ConfigError(f"data.slice_policy must be one of {', '.join(SLICE_POLICIES)}")
         return self
 
     def preprocess_params(self) -> Any:

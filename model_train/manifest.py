@@ -83,7 +83,7 @@ COLUMNS: tuple[str, ...] = (
 )
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
-SlicePolicy = Literal["all", "lesion_only"]
+SlicePolicy = Literal["all", "lesion_only", "slice_labels"]
 """How slice labels shape the recognition data set.
 
 ``all``: every slice carries its study's class (the paper's image counts suggest
@@ -91,7 +91,13 @@ this). ``lesion_only``: slices labelled ``0`` in a ``covid19`` or
 ``other_pneumonia`` study are left out, because a lesion-free slice of a
 pneumonia patient looks normal and would teach the network that normal lung is
 pneumonia; slices without a label are kept. Normal studies are never filtered.
+``slice_labels``: every slice is kept and a slice labelled ``0`` in a
+``covid19`` or ``other_pneumonia`` study is labelled ``normal`` (what it shows), so
+the network also sees the lesion-free slices of pneumonia patients; unlabelled
+slices keep their study's class. The study-level evaluation never uses a policy.
 """
+
+SLICE_POLICIES: tuple[str, ...] = ("all", "lesion_only", "slice_labels")
 
 
 class ManifestError(ValueError):
@@ -194,8 +200,13 @@ def apply_slice_policy(manifest: Manifest, policy: SlicePolicy) -> Manifest:
     """Filter recognition rows by their slice label (see :data:`SlicePolicy`)."""
     if policy == "all":
         return manifest
+    if policy == "slice_labels":
+        return Manifest(tuple(
+            replace(r, label="normal") if r.label != "normal" and r.slice_label is False else r
+            for r in manifest.rows), manifest.source)
     if policy != "lesion_only":
-        raise ManifestError(f"slice policy must be 'all' or 'lesion_only', not {policy!r}")
+        raise ManifestError(f"slice policy must be one of {', '.join(SLICE_POLICIES)}, "
+                            f"not {policy!r}")
     kept = tuple(
         r
         for r in manifest.rows
