@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pydicom.dataset import FileMetaDataset
+from pydicom.multival import MultiValue
 from pynetdicom import _config, dimse_messages
 
 logger = logging.getLogger(__name__)
@@ -247,7 +248,9 @@ def _tolerant_decode(original: Any) -> Any:
         command_set = original(*args, **kwargs)
         if command_set is not None and command_set.get("CommandField") == 0x0001:
             uid = command_set.get("AffectedSOPInstanceUID")
-            if not str(uid or "").strip("\x00 "):
+            if isinstance(uid, list | tuple | MultiValue):  # a backslash: no UID (0xC221)
+                command_set.AffectedSOPInstanceUID = "multi-valued"
+            elif not str(uid or "").strip("\x00 "):
                 command_set.AffectedSOPInstanceUID = MISSING_UID
         return command_set
 

@@ -108,9 +108,8 @@ class Spool:
 
     def _own_incoming(self) -> Path:
         self.incoming_root.mkdir(parents=True, exist_ok=True)
-        host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
         while True:
-            name = f"{host}.{os.getpid()}.{secrets.token_hex(4)}"
+            name = f"{_host()}.{os.getpid()}.{secrets.token_hex(4)}"
             lock_path = self.incoming_root / f"{name}{_LOCK_SUFFIX}"
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -370,11 +369,11 @@ class Spool:
 
     def other_live_receivers(self) -> int:
         """How many other processes (of any listener on this spool) are receiving now."""
-        own = self._incoming.name + _LOCK_SUFFIX if self._incoming is not None else None
+        mine = f"{_host()}.{os.getpid()}."  # this process's folders are not another's
         live = 0
         try:
             entries = [e for e in os.scandir(self.incoming_root)
-                       if e.name.endswith(_LOCK_SUFFIX) and e.name != own]
+                       if e.name.endswith(_LOCK_SUFFIX) and not e.name.startswith(mine)]
         except FileNotFoundError:
             return 0
         for entry in entries:
@@ -407,6 +406,11 @@ class Spool:
             return removed
         finally:
             os.close(fd)
+
+
+def _host() -> str:
+    """The host name as it appears in receive folder names (no dots)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
 
 
 def _same_inode(fd: int, path: Path) -> bool:

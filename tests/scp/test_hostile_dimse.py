@@ -274,6 +274,10 @@ def test_verification_on_a_storage_context_is_not_a_success(
 BAD_COMMAND_UIDS = [
     ("missing", None, 0xC220),
     ("empty", b"", 0xC220),
+    ("nul", b"\x00", 0xC220),
+    ("spaces", b"  ", 0xC220),
+    ("backslash", b"1.2\\3.4", 0xC221),
+    ("binary", b"\xff\xfe\x00\x01", 0xC221),
     ("70-characters", b"1.2." + b"3" * 66, 0xC221),
     ("non-ascii", "1.2.3.\u00e9".encode(), 0xC221),
     ("path", b"1.2.3/../../x", 0xC221),

@@ -104,13 +104,26 @@ def test_a_second_listener_on_the_same_data_directory_leaves_transfers_alone(
         assert restarted.stop() == 0
 
 
+_OTHER_LISTENER = """
+import shutil, sys
+from pathlib import Path
+from scp.spool import Spool
+spool = Spool(Path(sys.argv[1]))
+spool.prepare()
+received = spool.incoming / "rx-acknowledged.dcm"
+shutil.copyfile(sys.argv[2], received)
+assert spool.mark(received, sys.argv[3])
+print(received, flush=True)
+sys.stdin.read()  # receiving until told to stop
+"""
+
+
 def test_start_up_leaves_a_live_listeners_unrecorded_instances_to_it(
     tmp_path: Path, sqlite_url: str
 ) -> None:
-    """Recovery records every .unindexed link only when no other listener is receiving into
-    the spool; while one is, only links old enough to belong to nobody."""
-    import gc
-    import shutil
+    """Recovery records every .unindexed link only when no other listener process is
+    receiving into the spool; while one is, only links old enough to belong to nobody."""
+    import sys
 
     from db.session import make_engine
     from scp.recorder import reindex_unindexed
@@ -118,22 +131,26 @@ def test_start_up_leaves_a_live_listeners_unrecorded_instances_to_it(
     from scp.spool import Spool
 
     series = phantom(tmp_path, n_slices=1, size=32)
-    running_spool = Spool(tmp_path / "spool")
-    running_spool.prepare()
-    received = running_spool.incoming / "rx-acknowledged.dcm"  # its folder: locked, live
-    shutil.copyfile(series.paths[0], received)
-    assert running_spool.mark(received, series.sop_instance_uids[0])
-    starting = Spool(tmp_path / "spool")
-    assert starting.other_live_receivers() == 1
+    uid = series.sop_instance_uids[0]
+    other = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_LISTENER, str(tmp_path / "spool"), str(series.paths[0]),
+         uid], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     engine = make_engine(sqlite_url)
     try:
+        assert other.stdout is not None
+        received = Path(other.stdout.readline().strip())  # acknowledged, row not yet written
+        starting = Spool(tmp_path / "spool")
+        assert starting.other_live_receivers() == 1
         assert reindex_unindexed(starting, engine, RegistryCache()) == 0
-        assert running_spool.is_marked(series.sop_instance_uids[0])  # left to its recorder
+        assert starting.is_marked(uid)  # left to the live listener's recorder
         assert starting.clear_incoming() == 0 and received.exists()
-        del running_spool
-        gc.collect()  # the running listener is gone: its lock with it
+        other.kill()  # the other listener is gone, and its lock with it
+        other.wait(timeout=30)
         assert starting.other_live_receivers() == 0
         assert reindex_unindexed(starting, engine, RegistryCache()) == 1
         assert starting.clear_incoming() == 1 and not received.exists()
     finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait(timeout=30)
         engine.dispose()
