@@ -226,6 +226,9 @@ def publish_missing_reports(
 ) -> list[int]:
     """Analyses finished at least ``claim_timeout`` ago with no export rows: publish them.
 
+    Analyses whose report objects failed the report checks (``report_problems``)
+    are left alone: building them again gives the same objects.
+
     Only when a PACS is configured, and only for analyses of the last day.
     ``skip`` holds analyses whose reports could not be built in this process
     (tried once, then left to an operator); it is updated here.
@@ -242,6 +245,8 @@ def publish_missing_reports(
                     Analysis.state == AnalysisState.ANALYSED.value,
                     Analysis.finished_at < settled,
                     Analysis.finished_at > now - REPORT_LOOKBACK,
+                    # objects refused by the report checks are an operator's, not a retry's
+                    Analysis.report_problems.is_(None),
                     ~exists().where(Export.analysis_id == Analysis.id),
                 )
                 .order_by(Analysis.id)

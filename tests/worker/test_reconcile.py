@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 
 from db.models import (
     Analysis,
@@ -172,6 +172,11 @@ def test_analysed_study_without_reports_gets_them_published(engine: Engine,
     orphan = _claim(engine, orphan_version, CLAIM + 5, now, AnalysisState.ANALYSED)
     fresh_version = _version(engine, VersionState.ANALYSED, 900, now)
     _claim(engine, fresh_version, 1, now, AnalysisState.ANALYSED)  # its worker publishes now
+    refused_version = _version(engine, VersionState.ANALYSED, 900, now)
+    refused = _claim(engine, refused_version, CLAIM + 5, now, AnalysisState.ANALYSED)
+    with session_scope(engine) as session:  # every object failed the report checks
+        session.execute(update(Analysis).where(Analysis.id == refused)
+                        .values(report_problems="sr: invalid"))
     published: list[int] = []
     skip: set[int] = set()
 
