@@ -149,3 +149,37 @@ def test_split_file_with_an_external_test_subject(small_set: Path, tmp_path: Pat
         tested = {r["subject"] for r in csv.DictReader(fh)}
     assert tested == set(external)
     assert str(split.absolute()) in (run / "config.toml").read_text()
+
+
+@pytest.mark.slow
+def test_real_covid_ct_md_subjects_by_split_file(shared_data: Path, tmp_path: Path) -> None:
+    """The three real COVID-CT-MD subjects (every 6th slice, to stay fast): two train, the
+    third named as test; then int8 export from the run folder and an external evaluation
+    of the exported model on the third subject's slices."""
+    rows = import_dicom_table(shared_data / "covid-ct-md")
+    subjects = sorted({r.subject for r in rows})
+    assert len(subjects) == 3
+    manifest = tmp_path / "ct-md.csv"
+    write_manifest(tuple(r for i, r in enumerate(rows) if i % 6 == 0), manifest)
+    held = next(r.subject for r in rows if r.label == "normal")
+    split = _write_split(tmp_path / "split.csv",
+                         {s: ("test" if s == held else "train") for s in subjects})
+    out = tmp_path / "runs"
+    _train(manifest, split, out, tmp_path / "cache")
+    run = out / "recognition" / "UP-ResNet18" / "fold-0"
+    result = json.loads((run / "result.json").read_text())
+    assert result["data"]["test"]["subjects"] == 1 and result["validation"] is None
+    model = tmp_path / "model.pt"
+    exported = CliRunner().invoke(app, ["train", "export", str(run), "--out", str(model),
+                                        "--int8", "--int8-min-agreement", "0"])
+    assert exported.exit_code == 0, exported.output
+    loaded = load_checkpoint(model, task="recognition")
+    assert loaded.int8 is not None
+    assert loaded.int8.report.evaluation_slices == result["data"]["test"]["slices"]
+    evaluated = CliRunner().invoke(app, [
+        "train", "evaluate", str(model), "--manifest", str(manifest), "--out",
+        str(tmp_path / "ext"), "--cache-dir", str(tmp_path / "cache"), "--split-file",
+        str(split), "--precision", "int8"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "1 studies" in evaluated.output
+    assert (tmp_path / "ext" / "report" / "table5.md").is_file()
