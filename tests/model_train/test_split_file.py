@@ -151,6 +151,28 @@ def test_split_file_with_an_external_test_subject(small_set: Path, tmp_path: Pat
     assert str(split.absolute()) in (run / "config.toml").read_text()
 
 
+
+def test_reproduce_with_a_split_file_runs_its_folds(small_set: Path, tmp_path: Path) -> None:
+    """The config asks for folds 0 and 1; the file has one fold: that one is run."""
+    text = (Path(__file__).parents[2] / "model_train" / "configs" / "smoke.toml").read_text()
+    head, sep, tail = text.partition("[manifestation]")
+    config = tmp_path / "one.toml"
+    config.write_text(head.replace('networks = ["UP-ResNet18", "UP-ResNet50"]',
+                                   'networks = ["UP-ResNet18"]')
+                      + sep + tail.replace("enabled = true", "enabled = false"))
+    subjects = _subjects(small_set)
+    split = _write_split(tmp_path / "split.csv", {s: ("test" if s.endswith("001") else "train")
+                                                  for s in subjects})
+    out = tmp_path / "grid"
+    result = CliRunner().invoke(app, [
+        "train", "reproduce", str(config), "--manifest", str(small_set), "--cache-dir",
+        str(tmp_path / "cache"), "--split-file", str(split), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "trained 1 runs" in result.output
+    assert "--split-file" in (out / "report" / "command.txt").read_text()
+    assert (out / "report" / "table5.md").is_file()
+    assert not (out / "recognition" / "UP-ResNet18" / "fold-1").exists()
+
 @pytest.mark.slow
 def test_real_covid_ct_md_subjects_by_split_file(shared_data: Path, tmp_path: Path) -> None:
     """The three real COVID-CT-MD subjects (every 6th slice, to stay fast): two train, the
