@@ -504,6 +504,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=Path,
                         help="local ImageNet weights file for the network's architecture")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoint-last.pt")
+    parser.add_argument("--split-file", type=Path,
+                        help="CSV subject,role[,fold] instead of the 70/15/15 five-fold split")
     return parser
 
 
@@ -521,6 +523,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         train={"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device,
                "seed": args.seed, "deterministic": args.deterministic},
         pretrained=pretrained,
+        split={"file": args.split_file.absolute() if args.split_file else None},
     )
 
 
