@@ -308,8 +308,12 @@ def train_command(
                 bar.close()
     except _expected_errors() as exc:
         raise _user_error(str(exc)) from None
-    typer.echo(f"{spec.name}: best epoch {result.best_epoch}, validation accuracy "
-               f"{result.best_val_accuracy:.4f}, test accuracy {result.test_accuracy:.4f} "
+    def acc(v: float, missing: str) -> str:
+        return missing if v != v else f"{v:.4f}"  # NaN: the split has no such set
+
+    typer.echo(f"{spec.name}: kept epoch {result.best_epoch}, validation accuracy "
+               f"{acc(result.best_val_accuracy, 'n/a (no validation set: last epoch kept)')}, "
+               f"test accuracy {acc(result.test_accuracy, 'n/a (no test set)')} "
                f"-> {result.out_dir}")
 
 
@@ -393,8 +397,9 @@ def evaluate_command(
         _evaluate_model(run, manifest, out, config, threshold, cache_dir, device, precision,
                         split_file)
         return
-    if manifest is not None or out is not None:
-        raise _user_error("--manifest and --out go with an exported model file, not a run root")
+    if manifest is not None or out is not None or split_file is not None:
+        raise _user_error("--manifest, --out and --split-file go with an exported model file, "
+                          "not a run root")
 
     from model_train.config import config_from_dict, load_config, with_overrides
     from model_train.report import write_report
