@@ -306,7 +306,11 @@ def fig4_roc(runs: Sequence[RunRecord], config: Config, out: Path) -> Path:
         ax.set_title(f"({letters[i]}) {net}, {task}", fontsize=9)
         ax.set_xlabel("1 - specificity", fontsize=8)
         ax.set_ylabel("sensitivity", fontsize=8)
-        ax.legend(fontsize=7, loc="lower right", title="class (AUC)", title_fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right", title="class (AUC)", title_fontsize=7)
+        else:  # e.g. a split file's test set of one class: no class has both outcomes
+            ax.text(0.5, 0.5, "no ROC: the test set\nlacks positives or negatives",
+                    ha="center", va="center", fontsize=8, transform=ax.transAxes)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
     fig.suptitle("ROC curves on image basis, pooled test sets (Fig. 4)", fontsize=10)
