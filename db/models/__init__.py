@@ -21,8 +21,8 @@ from db.models.listener import (
     StudyVersion,
     VersionState,
 )
-from db.models.operations import ServiceHeartbeat, ServiceKind
 from db.models.operating_points import OperatingPoint
+from db.models.operations import ServiceHeartbeat, ServiceKind
 from db.models.results import Analysis, AnalysisState, SliceResult
 
 __all__ = [
@@ -42,9 +42,9 @@ __all__ = [
     "ReceivingLease",
     "ReportPrune",
     "SelftestStudy",
-    "Series",
     "ServiceHeartbeat",
     "ServiceKind",
+    "Series",
     "SliceResult",
     "SpoolPrune",
     "Study",
