@@ -48,7 +48,7 @@ class Orthanc:
         self.process = subprocess.Popen(
             [self.exe, str(self.config)], stdout=self.log, stderr=self.log
         )
-        wait_for(self._up, timeout=30, message="Orthanc's REST API")
+        wait_for(self._up, timeout=120, message="Orthanc's REST API")
 
     def _up(self) -> bool:
         if self.process.poll() is not None:
