@@ -36,7 +36,7 @@ from db.settings import Settings
 logger = logging.getLogger(__name__)
 
 #: A service that has not refreshed its heartbeat for this long counts as gone. Services
-#: beat every few seconds (at most every 15 s, ``worker.reconcile.reconcile_interval``).
+#: beat every few seconds (at most every 15 s, ``db.reconcile.reconcile_interval``).
 SERVICE_SILENT_SECONDS = 90.0
 #: A pending export whose next attempt is this far in the past has nobody delivering it.
 EXPORT_OVERDUE_SECONDS = 300.0
@@ -156,7 +156,7 @@ def broker_problem(settings: Settings, timeout: float = 3.0) -> str | None:
     from kombu.connection import Connection
     from kombu.exceptions import KombuError
 
-    from worker.celery_app import broker_config
+    from db.broker import broker_config
 
     url, options = broker_config(settings)
     if url.startswith("memory://"):

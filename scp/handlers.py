@@ -32,6 +32,7 @@ from scp import completion, mpps, registry
 from scp import metrics as scp_metrics
 from scp.command_check import check_context, check_store_command
 from scp.receive import MISSING_UID, discard_unclaimed
+from scp.rejections import reject_reason
 from scp.status import Rejected, Status, status_dataset
 from scp.store import AssociationLease, InstanceStore, Outcome
 from scp.uids import is_valid_uid
@@ -40,12 +41,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Associations", "ListenerContext", "event_handlers", "store_received"]
 
-_REJECT_REASONS = {
-    (0x01, 0x03): "calling AE title not allowed",
-    (0x01, 0x07): "called AE title not recognised",
-    (0x02, 0x01): "no reason given",
-    (0x03, 0x02): "association limit reached",
-}
 
 
 class Associations:
@@ -249,13 +244,6 @@ def handle_accepted(event: Event, ctx: ListenerContext) -> None:
         event.assoc.requestor.address,
     )
 
-
-def reject_reason(event: Event) -> str:
-    """Why an association was rejected, in words (a short, fixed text)."""
-    primitive: Any = event.assoc.acceptor.primitive
-    key = (int(getattr(primitive, "result_source", 0) or 0),
-           int(getattr(primitive, "diagnostic", 0) or 0))
-    return _REJECT_REASONS.get(key, f"source/reason {key}")
 
 
 def handle_rejected(event: Event) -> None:

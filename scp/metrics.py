@@ -143,7 +143,7 @@ def _on_closed(event: Any) -> None:
 
 def _on_rejected(event: Any) -> None:
     try:
-        from scp.handlers import reject_reason
+        from scp.rejections import reject_reason
 
         listener_metrics().refusals.labels(reason=f"association {reject_reason(event)}").inc()
     except Exception:

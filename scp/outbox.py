@@ -33,10 +33,10 @@ from sqlalchemy import Engine, Table, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import OutboxEntry, ServiceKind, StudyVersion, VersionState, utcnow
+from db.reconcile import PublishFailed, ServiceBeat, reconcile_interval, republish_stalled
 from db.session import session_scope
 from db.settings import Settings
 from scp.metrics import listener_metrics
-from worker.reconcile import PublishFailed, ServiceBeat, reconcile_interval, republish_stalled
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +66,13 @@ class CelerySender:
     """Sends ``ctdx.process_study`` through the project's Celery app (JSON, by name)."""
 
     def __init__(self, settings: Settings, queue: str | None = None) -> None:
-        from worker.celery_app import QUEUE, make_celery
+        from db.broker import QUEUE, make_celery
 
         self.app = make_celery(settings)
         self.queue = queue or QUEUE
 
     def send(self, study_version_id: int) -> None:
-        from worker.celery_app import TASK_PROCESS_STUDY, task_id_for
+        from db.broker import TASK_PROCESS_STUDY, task_id_for
 
         try:
             self.app.send_task(
@@ -161,7 +161,7 @@ class OutboxDispatcher:
     """Hands due outbox rows to a :class:`Sender`; one per listener installation.
 
     With ``settings`` it also reconciles (see the module docstring) every
-    :func:`worker.reconcile.reconcile_interval` seconds.
+    :func:`db.reconcile.reconcile_interval` seconds.
     """
 
     def __init__(
