@@ -4,20 +4,21 @@ before any work, naming the file and the option; the packaged smoke config needs
 from __future__ import annotations
 
 import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from db.cli import app
-from model_train.config import load_config
-from model_train.pretrained import needed_archs
+from ctdx.cli import app
+from ctdx.model_train.config import load_config
+from ctdx.model_train.pretrained import needed_archs
 
 
 @pytest.fixture(autouse=True)
 def _no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI configures logging on stderr, which the CLI runner swaps and closes."""
-    monkeypatch.setattr("model_train.cli._configure_logging", lambda: None)
+    monkeypatch.setattr("ctdx.model_train.cli._configure_logging", lambda: None)
 
 
 @pytest.fixture
@@ -31,6 +32,10 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    # urllib builds its process-wide opener, proxies included, on the first urlopen: one built
+    # here would send every later test's requests (Orthanc's REST API on 127.0.0.1) to the dead
+    # proxy. Start from none and put back whatever was there before.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     return tmp_path / "torch-home"
 
 

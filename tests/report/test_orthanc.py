@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, update
 
-from db.models import Export, ExportState, utcnow
-from db.session import session_scope
+from ctdx.db.models import Export, ExportState, utcnow
+from ctdx.db.session import session_scope
+from ctdx.worker.report import deliver_due, publish_reports
+from ctdx.worker.report.outbox import list_exports
 from tests.conftest import free_port, require_tool, wait_for
 from tests.report.conftest import AnalysedStudy, settings_for
-from worker.report import deliver_due, publish_reports
-from worker.report.outbox import list_exports
 
 
 class Orthanc:
@@ -48,7 +48,11 @@ class Orthanc:
         self.process = subprocess.Popen(
             [self.exe, str(self.config)], stdout=self.log, stderr=self.log
         )
-        wait_for(self._up, timeout=120, message="Orthanc's REST API")
+        try:
+            wait_for(self._up, timeout=120, message="Orthanc's REST API")
+        except BaseException:
+            self.stop()  # a failed start leaves no Orthanc behind
+            raise
 
     def _up(self) -> bool:
         if self.process.poll() is not None:

@@ -113,7 +113,11 @@ class OrthancDicomWeb:
         self.log_path = workdir / "orthanc.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen([exe, str(config)], stdout=self._log, stderr=self._log)
-        wait_for(self._up, timeout=60, message="Orthanc's REST API")
+        try:
+            wait_for(self._up, timeout=120, message="Orthanc's REST API")
+        except BaseException:
+            self.stop()  # a failed start leaves no Orthanc behind
+            raise
 
     def _up(self) -> bool:
         if self.process.poll() is not None:
