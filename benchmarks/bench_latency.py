@@ -110,8 +110,8 @@ def delivered_times(url: str, study_uid: str) -> dict[str, Any] | None:
     """The rows of the study's first version once its SR is delivered, else None."""
     from sqlalchemy import select
 
-    from db.models import Analysis, Export, OutboxEntry, Study, StudyVersion
-    from db.session import make_engine, session_scope
+    from ctdx.db.models import Analysis, Export, OutboxEntry, Study, StudyVersion
+    from ctdx.db.session import make_engine, session_scope
 
     engine = make_engine(url)
     try:
@@ -210,8 +210,8 @@ def main() -> None:
 
     import torch
 
-    from db import migrate
-    from model_train.phantom import write_phantom_series
+    from ctdx.db import migrate
+    from ctdx.model_train.phantom import write_phantom_series
 
     if args.broker_url.startswith("redis://"):  # no stale tasks of an earlier run
         import redis

@@ -100,7 +100,7 @@ def prepare_studies(work: Path, slices: int, size: int, count: int) -> list[Path
     import pydicom
     from pydicom.uid import generate_uid
 
-    from model_train.phantom import write_phantom_series
+    from ctdx.model_train.phantom import write_phantom_series
 
     base = work / f"study-{slices}x{size}"
     studies = [base / f"s{i}" for i in range(count)]
@@ -152,7 +152,7 @@ _REFERENCE = """
 import os, sys
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
-from db.logs import silence_identifier_logging
+from ctdx.db.logs import silence_identifier_logging
 silence_identifier_logging()
 _config.STORE_RECV_CHUNKED_DATASET = True
 out, port = sys.argv[1], int(sys.argv[2])
@@ -206,7 +206,7 @@ ORTHANC = "Orthanc (SyncStorageArea, durable)"
 
 
 def ctdx_bin() -> list[str]:
-    return [sys.executable, "-c", "from db.cli import main; main()"]
+    return [sys.executable, "-c", "from ctdx.cli import main; main()"]
 
 
 Starter = Callable[[Path, int], "subprocess.Popen[bytes]"]

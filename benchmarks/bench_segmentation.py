@@ -37,12 +37,12 @@ sys.path.insert(0, str(REPO))
 
 from machine_info import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
 
-from model_train.method.inference import cpu_has_native_bf16  # noqa: E402
-from model_train.method.networks import Arch, build_resnet  # noqa: E402
-from model_train.method.preprocess import PreprocessParams, preprocess_batch  # noqa: E402
-from model_train.method.segmentation import segment_lungs  # noqa: E402
-from model_train.method.segmentation_torch import segment_lungs_torch  # noqa: E402
-from model_train.phantom import PHANTOM_KINDS, phantom_volume  # noqa: E402
+from ctdx.model_train.method.inference import cpu_has_native_bf16  # noqa: E402
+from ctdx.model_train.method.networks import Arch, build_resnet  # noqa: E402
+from ctdx.model_train.method.preprocess import PreprocessParams, preprocess_batch  # noqa: E402
+from ctdx.model_train.method.segmentation import segment_lungs  # noqa: E402
+from ctdx.model_train.method.segmentation_torch import segment_lungs_torch  # noqa: E402
+from ctdx.model_train.phantom import PHANTOM_KINDS, phantom_volume  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "method.md"
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_train.py                  # CPU here; GPU when present
     .venv/bin/python benchmarks/bench_train.py --device cuda --batch 256 --steps 30
 
-It times :func:`model_train.train.train_one_epoch`, the real loop: uint8 grey slices in
+It times :func:`ctdx.model_train.train.train_one_epoch`, the real loop: uint8 grey slices in
 memory -> ``to_network_input`` -> ``train_augment`` (random crop + flip) -> forward,
 cross-entropy, backward, Adam step; channels-last, bf16 autocast on CUDA, fp32 on the
 CPU (the configuration ``paper.toml`` uses). Data are random images (the speed does
@@ -33,10 +33,10 @@ sys.path.insert(0, str(REPO))
 
 from machine_info import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
 
-from model_train.data import SliceSet  # noqa: E402
-from model_train.method.networks import Arch, build_resnet  # noqa: E402
-from model_train.method.preprocess import AugmentParams, PreprocessParams  # noqa: E402
-from model_train.train import epoch_generator, resolve_device, train_one_epoch  # noqa: E402
+from ctdx.model_train.data import SliceSet  # noqa: E402
+from ctdx.model_train.method.networks import Arch, build_resnet  # noqa: E402
+from ctdx.model_train.method.preprocess import AugmentParams, PreprocessParams  # noqa: E402
+from ctdx.model_train.train import epoch_generator, resolve_device, train_one_epoch  # noqa: E402
 
 PAPER_RECOGNITION_IMAGES = 0.7 * 86_543 * 50
 PAPER_MANIFESTATION_IMAGES = 0.7 * 27_680 * 50

@@ -10,7 +10,7 @@ torch version), preprocessing, classification (ResNet50 fp32 vs bf16 autocast,
 both channels-last; bf16 is timed on a sample when it is slow), manifestation
 (ResNet18 on every analysed slice: an upper bound, random weights call an
 arbitrary share COVID-19), database write (the slice rows into SQLite). Then
-the whole worker path (``worker.service.process_study_version``, the code a
+the whole worker path (``ctdx.worker.service.process_study_version``, the code a
 Celery task runs) in a fresh process, with its peak RSS. Models have random
 weights (fixed seed): timings do not depend on the weights.
 
@@ -58,12 +58,12 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def _phantom_slices(seed: int, n: int) -> Any:
     """Preprocessed slices of a phantom chest (other seed than the timed study)."""
-    from model_train.cache import prepare_slices
-    from model_train.data import SliceSet
-    from model_train.method.hu import MIN_HU
-    from model_train.method.preprocess import PreprocessParams
-    from model_train.phantom import phantom_volume
-    from model_train.sources import LoadedSlice
+    from ctdx.model_train.cache import prepare_slices
+    from ctdx.model_train.data import SliceSet
+    from ctdx.model_train.method.hu import MIN_HU
+    from ctdx.model_train.method.preprocess import PreprocessParams
+    from ctdx.model_train.phantom import phantom_volume
+    from ctdx.model_train.sources import LoadedSlice
 
     volume = phantom_volume("covid19", n_slices=n, size=512, seed=seed)
     prepared = prepare_slices(
@@ -77,10 +77,10 @@ def _phantom_slices(seed: int, n: int) -> Any:
 def make_checkpoints(out: Path) -> tuple[Path, Path]:
     """Random-init ResNet50/ResNet18 checkpoints (timing does not depend on the weights), with
     int8 weights calibrated on 48 slices of another phantom and checked on 24 more."""
-    from model_train.int8 import int8_weights
-    from model_train.method.checkpoint import CheckpointMeta, save_checkpoint
-    from model_train.method.networks import build_resnet
-    from model_train.method.preprocess import PreprocessParams
+    from ctdx.model_train.int8 import int8_weights
+    from ctdx.model_train.method.checkpoint import CheckpointMeta, save_checkpoint
+    from ctdx.model_train.method.networks import build_resnet
+    from ctdx.model_train.method.preprocess import PreprocessParams
 
     torch.manual_seed(0)
     rec, man = out / "recognition.pt", out / "manifestation.pt"
@@ -99,8 +99,8 @@ def make_checkpoints(out: Path) -> tuple[Path, Path]:
 def store_series(workdir: Path, files: list[Path]) -> tuple[str, int]:
     """A migrated SQLite database with ``files`` stored as the listener would."""
     sys.path.insert(0, str(REPO))
-    from db import migrate
-    from db.session import make_engine
+    from ctdx.db import migrate
+    from ctdx.db.session import make_engine
     from tests.worker.conftest import store_files  # stores files as the listener does
 
     url = f"sqlite:///{workdir / 'bench.sqlite3'}"
@@ -116,12 +116,12 @@ def stage_table(files: list[Path], rec: Path, man: Path, bf16_sample: int,
     """Seconds per stage for one series, each stage on its own (in this process)."""
     import pydicom
 
-    from model_train.method.inference import SliceClassifier
-    from model_train.method.preprocess import preprocess_batch
-    from model_train.method.segmentation import segment_lungs
-    from model_train.method.segmentation_torch import segment_lungs_torch
-    from worker.loading import iter_batches, order_series
-    from worker.study import InstanceRef
+    from ctdx.model_train.method.inference import SliceClassifier
+    from ctdx.model_train.method.preprocess import preprocess_batch
+    from ctdx.model_train.method.segmentation import segment_lungs
+    from ctdx.model_train.method.segmentation_torch import segment_lungs_torch
+    from ctdx.worker.loading import iter_batches, order_series
+    from ctdx.worker.study import InstanceRef
 
     refs = []
     for f in files:
@@ -185,7 +185,7 @@ def stage_table(files: list[Path], rec: Path, man: Path, bf16_sample: int,
 
 
 def _params(rec: Path) -> Any:
-    from model_train.method.checkpoint import read_checkpoint_meta
+    from ctdx.model_train.method.checkpoint import read_checkpoint_meta
 
     return read_checkpoint_meta(rec).preprocess
 
@@ -193,9 +193,9 @@ def _params(rec: Path) -> Any:
 def end_to_end(url: str, data_dir: Path, version_id: int, rec: Path, man: Path,
                backend: str, batch_size: int) -> dict[str, Any]:
     """The worker path in this (fresh) process: what one Celery task does."""
-    from db.session import make_engine
-    from db.settings import load_settings
-    from worker import runtime, service
+    from ctdx.db.session import make_engine
+    from ctdx.db.settings import load_settings
+    from ctdx.worker import runtime, service
 
     settings = load_settings(data_dir=data_dir, database_url=url, model=rec,
                              manifestation_model=man, segmentation_backend=backend,
@@ -206,8 +206,8 @@ def end_to_end(url: str, data_dir: Path, version_id: int, rec: Path, man: Path,
                                                                  version_id))
     from sqlalchemy import select
 
-    from db.models import Analysis
-    from db.session import session_scope
+    from ctdx.db.models import Analysis
+    from ctdx.db.session import session_scope
 
     with session_scope(engine) as session:
         row = session.scalars(select(Analysis).where(Analysis.id == result.analysis_id)).one()
@@ -247,7 +247,7 @@ def main() -> None:
                                     backend, int(batch))))
         return
 
-    from model_train.phantom import write_phantom_series
+    from ctdx.model_train.phantom import write_phantom_series
 
     about = machine()
     print(f"machine: {about}")

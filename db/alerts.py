@@ -12,7 +12,7 @@ task) alerts once.
 
 The payload schema is documented in docs/alerts.md. It carries no PHI unless
 ``CTDX_ALERT_INCLUDE_PHI`` is set: study UID, accession number and the decision
-are enough to act. Self-test studies (:mod:`db.selftest_studies`) never alert.
+are enough to act. Self-test studies (:mod:`ctdx.db.selftest_studies`) never alert.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from db.models import (
+from ctdx.db.models import (
     Alert,
     AlertState,
     Analysis,
@@ -47,9 +47,9 @@ from db.models import (
     StudyVersion,
     utcnow,
 )
-from db.selftest_studies import SELFTEST_PATIENT_ID
-from db.session import session_scope
-from db.settings import Settings
+from ctdx.db.selftest_studies import SELFTEST_PATIENT_ID
+from ctdx.db.session import session_scope
+from ctdx.db.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The contract both sides share (the listener's outbox and the reconciliation send, the workers
 consume), so it lives in the foundation; the Celery application with the workers' signal
-handlers is ``worker.celery_app``.
+handlers is ``ctdx.worker.celery_app``.
 
 Broker URLs:
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from celery import Celery
 
-from db.settings import Settings
+from ctdx.db.settings import Settings
 
 QUEUE = "ctdx"
 TASK_PROCESS_STUDY = "ctdx.process_study"
@@ -59,7 +59,7 @@ def broker_config(settings: Settings) -> tuple[str, dict[str, Any]]:
 def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     """A Celery app configured for long, idempotent study analyses.
 
-    A sender needs no ``include``; the workers' app (``worker.celery_app``) names its tasks.
+    A sender needs no ``include``; the workers' app (``ctdx.worker.celery_app``) names its tasks.
     """
     url, transport_options = broker_config(settings)
     app = Celery("ctdx", broker=url, include=list(include))

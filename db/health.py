@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     AnalysisState,
     Export,
@@ -31,12 +31,12 @@ from db.models import (
     StudyVersion,
     VersionState,
 )
-from db.settings import Settings
+from ctdx.db.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 #: A service that has not refreshed its heartbeat for this long counts as gone. Services
-#: beat every few seconds (at most every 15 s, ``db.reconcile.reconcile_interval``).
+#: beat every few seconds (at most every 15 s, ``ctdx.db.reconcile.reconcile_interval``).
 SERVICE_SILENT_SECONDS = 90.0
 #: A pending export whose next attempt is this far in the past has nobody delivering it.
 EXPORT_OVERDUE_SECONDS = 300.0
@@ -156,7 +156,7 @@ def broker_problem(settings: Settings, timeout: float = 3.0) -> str | None:
     from kombu.connection import Connection
     from kombu.exceptions import KombuError
 
-    from db.broker import broker_config
+    from ctdx.db.broker import broker_config
 
     url, options = broker_config(settings)
     if url.startswith("memory://"):

@@ -6,8 +6,8 @@ process writes its values to memory-mapped files in one directory per
 service instance, and the HTTP endpoint of the main process adds them up.
 :func:`prepare` must run in the main process before any metric is created and
 before children start (they inherit ``PROMETHEUS_MULTIPROC_DIR``); metric
-objects are therefore created lazily (:func:`scp.metrics.listener_metrics`,
-:func:`worker.metrics.worker_metrics`), never at import.
+objects are therefore created lazily (:func:`ctdx.scp.metrics.listener_metrics`,
+:func:`ctdx.worker.metrics.worker_metrics`), never at import.
 
 The directory is ``$PROMETHEUS_MULTIPROC_DIR/ctdx-metrics-<service>-<pid>`` (the system's
 temporary directory when the variable is unset): the service's own, emptied

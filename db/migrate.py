@@ -11,7 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-from db.session import make_engine
+from ctdx.db.session import make_engine
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 

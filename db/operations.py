@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     AnalysisState,
     AuditEntry,
@@ -38,7 +38,7 @@ from db.models import (
     VersionState,
     utcnow,
 )
-from db.queries import StudyNotFound
+from ctdx.db.queries import StudyNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def requeue_study(
     and its outbox row is re-opened (``dispatched_at`` cleared, due now).
 
     Workers skip a version already finished with their model (see
-    ``worker.claim``), so failed analyses of the version are deleted (with
+    ``ctdx.worker.claim``), so failed analyses of the version are deleted (with
     their slice rows; the audit detail keeps their reasons) to be tried again.
     Analysed results are kept: an analysed version is analysed again only by a
     worker with another model.

@@ -23,7 +23,7 @@ import numpy as np
 from sqlalchemy import ColumnElement, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     AnalysisState,
     AuditEntry,
@@ -37,7 +37,7 @@ from db.models import (
     Study,
     StudyVersion,
 )
-from db.selftest_studies import not_test_version
+from ctdx.db.selftest_studies import not_test_version
 
 logger = logging.getLogger(__name__)
 

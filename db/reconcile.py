@@ -17,7 +17,7 @@ and publishes them again. The outbox row is the lock and the clock: one
 SKIP LOCKED`` on PostgreSQL; SQLite's single writer serialises the statement)
 claims them for this round, so with many listeners and workers each stalled
 version is published once per timeout, not once per process. The claim in
-``analyses`` (:mod:`worker.claim`) keeps the analysis once-only: the new task
+``analyses`` (:mod:`ctdx.worker.claim`) keeps the analysis once-only: the new task
 takes the stale claim over, and a duplicate message finds the work done.
 
 Reports are reconciled too (:func:`publish_missing_reports`, workers only):
@@ -40,7 +40,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, delete, exists, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     AnalysisState,
     Export,
@@ -51,8 +51,8 @@ from db.models import (
     VersionState,
     utcnow,
 )
-from db.session import session_scope
-from db.settings import Settings
+from ctdx.db.session import session_scope
+from ctdx.db.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ REASON_STALE_CLAIM = "stale claim"
 
 
 class PublishFailed(Exception):
-    """The broker did not take the message (``scp.outbox.BrokerUnavailable`` is one)."""
+    """The broker did not take the message (``ctdx.scp.outbox.BrokerUnavailable`` is one)."""
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from sqlalchemy import ColumnElement, Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import Analysis, SelftestStudy, Study, StudyVersion
-from db.session import session_scope
+from ctdx.db.models import Analysis, SelftestStudy, Study, StudyVersion
+from ctdx.db.session import session_scope
 
 SELFTEST_PATIENT_ID = "CTDX-SELFTEST"
 

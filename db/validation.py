@@ -1,6 +1,6 @@
 """Local validation of the study call: metrics on arrays, no database, no files.
 
-The study call (``model_train.method.decision``) is COVID-19 when the share of
+The study call (``ctdx.model_train.method.decision``) is COVID-19 when the share of
 analysed slices called COVID-19 is **strictly above** a threshold; that share
 is the study's score here. Every number comes from scipy / scikit-learn:
 

@@ -8,7 +8,7 @@
 - :func:`current_operating_point`: what the worker runs at for a model.
 - :func:`drift`: per week or month, the calls against the adopted baseline.
 
-Like :mod:`db.queries`, functions take a caller-owned session, never commit,
+Like :mod:`ctdx.db.queries`, functions take a caller-owned session, never commit,
 and hand out frozen dataclasses.
 """
 
@@ -25,10 +25,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import operations
-from db.models import Analysis, AnalysisState, OperatingPoint, Study, StudyVersion, utcnow
-from db.queries import _is_newest_analysis, _period
-from db.selftest_studies import not_test_version
+from ctdx.db import operations
+from ctdx.db.models import Analysis, AnalysisState, OperatingPoint, Study, StudyVersion, utcnow
+from ctdx.db.queries import _is_newest_analysis, _period
+from ctdx.db.selftest_studies import not_test_version
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ def drift(session: Session, by: PeriodUnit, *, since: datetime | None = None,
     share above it), so studies called before the adoption compare alike; a
     period is flagged when the exact binomial test gives p < :data:`DRIFT_ALPHA`.
     """
-    from db.validation import DRIFT_ALPHA, drift_p_value  # scipy: not at import
+    from ctdx.db.validation import DRIFT_ALPHA, drift_p_value  # scipy: not at import
 
     baseline = newest_operating_point(session)
     rows = session.execute(

@@ -3,7 +3,7 @@
 :func:`read_truth` parses TRUTH.csv; :func:`evaluate` turns the joined cases
 into the documented JSON object (docs/cli-json.md, ``ctdx validate run``);
 :func:`write_outputs` writes it with ``report.md``, CSV tables and the ROC
-PNG into the output folder. The numbers all come from :mod:`db.validation`.
+PNG into the output folder. The numbers all come from :mod:`ctdx.db.validation`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from db.cli_output import iso_utc
-from db.validation import (
+from ctdx.db.cli.output import iso_utc
+from ctdx.db.validation import (
     CLASSES,
     PAPER_THRESHOLD,
     POSITIVE,
@@ -32,7 +32,7 @@ from db.validation import (
     roc,
     threshold_for_sensitivity,
 )
-from db.validation_db import Case, Excluded, ModelRef, TruthRow, ValidationError
+from ctdx.db.validation_db import Case, Excluded, ModelRef, TruthRow, ValidationError
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model_train.data import SliceSet
-from model_train.method.preprocess import PreprocessParams, gray_from_uint8, to_network_input
+from ctdx.model_train.data import SliceSet
+from ctdx.model_train.method.preprocess import PreprocessParams, gray_from_uint8, to_network_input
 
 
 def sample_indices(n: int, k: int, seed: int) -> Tensor:

@@ -3,7 +3,7 @@
 The paper stores every preprocessed slice as a 224 x 224 8-bit image; so do we.
 Each slice goes through the shared method code (lung segmentation with the
 slice's pixel spacing, then
-:func:`model_train.method.preprocess.normalise_batch`, steps 1-5) and is stored
+:func:`ctdx.model_train.method.preprocess.normalise_batch`, steps 1-5) and is stored
 as the lossless ``uint8`` grey image (:func:`~model_train.method.preprocess.gray_to_uint8`)
 plus its lung fraction (the share of the image inside the lung mask: training
 leaves out what the worker would skip). Step 6 (channel replication, ImageNet
@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor
 
-from model_train.method.classes import METHOD_VERSION
-from model_train.method.preprocess import PreprocessParams
-from model_train.progress import ProgressBar
-from model_train.sources import LoadedSlice, SliceSource, SourceError, load_slice
+from ctdx.model_train.method.classes import METHOD_VERSION
+from ctdx.model_train.method.preprocess import PreprocessParams
+from ctdx.model_train.progress import ProgressBar
+from ctdx.model_train.sources import LoadedSlice, SliceSource, SourceError, load_slice
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def frame_widths(spacing_mm: float | None) -> tuple[int, int]:
     The tissue frame is wider than the segmentation's 5 mm chest margin, so the
     margin erodes into the frame and not into the image.
     """
-    from model_train.method.segmentation import SegmentationParams
+    from ctdx.model_train.method.segmentation import SegmentationParams
 
     spacing = spacing_mm or SegmentationParams().default_spacing_mm
     return int(math.ceil(FRAME_TISSUE_MM / spacing)), FRAME_AIR_PX
@@ -112,7 +112,7 @@ def frame_widths(spacing_mm: float | None) -> tuple[int, int]:
 
 def _segment(hu: Tensor, spacing: float | None, cropped: bool) -> Tensor:
     """The shared torch segmentation; a cropped image is framed, segmented, cut back."""
-    from model_train.method.segmentation_torch import segment_lungs_torch
+    from ctdx.model_train.method.segmentation_torch import segment_lungs_torch
 
     if not cropped:
         return segment_lungs_torch(hu, spacing_mm=spacing)
@@ -137,7 +137,7 @@ def prepare_slices(
     pixels of air for the segmentation only; the mask is cut back to the image,
     and preprocessing sees the original pixels.
     """
-    from model_train.method.preprocess import gray_to_uint8, normalise_batch
+    from ctdx.model_train.method.preprocess import gray_to_uint8, normalise_batch
 
     out: list[tuple[NDArray[np.uint8], float] | None] = [None] * len(slices)
     groups: dict[tuple[tuple[int, ...], float | None, bool], list[int]] = {}

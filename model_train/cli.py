@@ -2,7 +2,7 @@
 
 Heavy modules (torch, the method) are imported inside the commands, so ``ctdx --help``
 stays fast. Expected failures (a bad manifest or config, missing data) become a
-one-line message and exit code 2 through :class:`db.cli.UserError`.
+one-line message and exit code 2 through :class:`ctdx.db.cli.UserError`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ SplitFileOpt = Annotated[Path | None, typer.Option(
 
 def _with_split_file(cfg: object, split_file: Path | None) -> object:
     """``cfg`` with ``split.file`` set from ``--split-file`` (unchanged without it)."""
-    from model_train.config import ConfigError, with_overrides
+    from ctdx.model_train.config import ConfigError, with_overrides
 
     try:
         return with_overrides(cfg, split={"file": split_file.absolute() if split_file else None})  # type: ignore[arg-type]
@@ -64,13 +64,13 @@ def _with_split_file(cfg: object, split_file: Path | None) -> object:
 
 
 def _user_error(message: str) -> Exception:
-    from db.cli import UserError
+    from ctdx.db.cli import UserError
 
     return UserError(message)
 
 
 def _configure_logging() -> None:
-    from db.logs import configure_logging
+    from ctdx.db.logs import configure_logging
 
     configure_logging(rich=sys.stderr.isatty())
 
@@ -101,7 +101,7 @@ def _command_line(*parts: object) -> str:
 def _load(config: str, manifest: Path | None = None, manifestation_manifest: Path | None = None,
           cache_dir: Path | None = None, device: str | None = None, epochs: int | None = None,
           pretrained: list[str] | None = None) -> object:
-    from model_train.config import ConfigError, load_config, with_overrides
+    from ctdx.model_train.config import ConfigError, load_config, with_overrides
 
     try:
         weights: dict[str, object] = {}
@@ -126,18 +126,18 @@ def _load(config: str, manifest: Path | None = None, manifestation_manifest: Pat
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
-    from model_train.cache import CacheError
-    from model_train.config import ConfigError
-    from model_train.data import DataError
-    from model_train.export import ExportError
-    from model_train.manifest import ManifestError
-    from model_train.method.checkpoint import CheckpointError
-    from model_train.method.networks import PretrainedWeightsError
-    from model_train.method.quantize import QuantizationError
-    from model_train.report import ReportError
-    from model_train.sources import SourceError
-    from model_train.splits import SplitError
-    from model_train.train import TrainError
+    from ctdx.model_train.cache import CacheError
+    from ctdx.model_train.config import ConfigError
+    from ctdx.model_train.data import DataError
+    from ctdx.model_train.export import ExportError
+    from ctdx.model_train.manifest import ManifestError
+    from ctdx.model_train.method.checkpoint import CheckpointError
+    from ctdx.model_train.method.networks import PretrainedWeightsError
+    from ctdx.model_train.method.quantize import QuantizationError
+    from ctdx.model_train.report import ReportError
+    from ctdx.model_train.sources import SourceError
+    from ctdx.model_train.splits import SplitError
+    from ctdx.model_train.train import TrainError
 
     return (CacheError, ConfigError, DataError, ExportError, ManifestError, CheckpointError,
             PretrainedWeightsError, QuantizationError, ReportError, SourceError, SplitError,
@@ -148,7 +148,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
 
 
 def _write(rows: object, out: Path) -> None:
-    from model_train.manifest import Manifest, write_manifest
+    from ctdx.model_train.manifest import Manifest, write_manifest
 
     assert isinstance(rows, tuple)
     write_manifest(rows, out)
@@ -168,8 +168,8 @@ def import_dicom(
     class_map: ClassMapOpt = None,
 ) -> None:
     """DICOM series with slice labels (COVID-CT-MD) or class folders of series."""
-    from model_train.importers.common import parse_class_map
-    from model_train.importers.dicom_table import import_dicom_table, import_dicom_tree
+    from ctdx.model_train.importers.common import parse_class_map
+    from ctdx.model_train.importers.dicom_table import import_dicom_table, import_dicom_tree
 
     try:
         mapping = parse_class_map(class_map)
@@ -191,8 +191,8 @@ def import_images(
     window_width: Annotated[float, typer.Option(help="Window width (HU).")] = 1500.0,
 ) -> None:
     """Folders of 8-bit slice images per class (CC-CCII, COVID-CT)."""
-    from model_train.importers.common import parse_class_map
-    from model_train.importers.image_folders import import_image_folders
+    from ctdx.model_train.importers.common import parse_class_map
+    from ctdx.model_train.importers.image_folders import import_image_folders
 
     try:
         rows = import_image_folders(root, parse_class_map(class_map),
@@ -210,7 +210,7 @@ def import_medseg_cmd(
     out: Annotated[Path, typer.Option("--out", help="Manifest CSV to write.")],
 ) -> None:
     """Images with GGO / consolidation masks, for the manifestation task."""
-    from model_train.importers.medseg import import_medseg
+    from ctdx.model_train.importers.medseg import import_medseg
 
     try:
         _write(import_medseg(root), out)
@@ -231,10 +231,10 @@ def cache_command(
 ) -> None:
     """Segment and preprocess every slice once (resumable; run again after a stop)."""
     _configure_logging()
-    from model_train.cache import build_cache, cache_root
-    from model_train.manifest import read_manifest
-    from model_train.method.preprocess import PreprocessParams
-    from model_train.sources import expand_rows
+    from ctdx.model_train.cache import build_cache, cache_root
+    from ctdx.model_train.manifest import read_manifest
+    from ctdx.model_train.method.preprocess import PreprocessParams
+    from ctdx.model_train.sources import expand_rows
 
     try:
         params = PreprocessParams(size=size)
@@ -268,16 +268,16 @@ def train_command(
 ) -> None:
     """Train one network on one fold (the unit of `reproduce`)."""
     _configure_logging()
-    from model_train.config import Config, NetworkSpec
-    from model_train.data import (
+    from ctdx.model_train.config import Config, NetworkSpec
+    from ctdx.model_train.data import (
         ensure_cached,
         load_task_data,
         study_manifest,
         task_folds,
         task_manifest,
     )
-    from model_train.pretrained import ensure_pretrained
-    from model_train.train import RunSpec, run_dir, run_training
+    from ctdx.model_train.pretrained import ensure_pretrained
+    from ctdx.model_train.train import RunSpec, run_dir, run_training
 
     if task not in ("recognition", "manifestation"):
         raise _user_error(f"--task must be recognition or manifestation, not {task!r}")
@@ -296,7 +296,7 @@ def train_command(
         ensure_cached(cfg, studies or rows, params, progress=sys.stderr.isatty())
         ensure_cached(cfg, rows, params, progress=sys.stderr.isatty())
         data = load_task_data(cfg, spec.task, folds[fold], rows, params, studies)
-        from model_train.progress import ProgressBar
+        from ctdx.model_train.progress import ProgressBar
 
         bar = (ProgressBar(cfg.train.epochs * len(data.train), spec.name)
                if sys.stderr.isatty() else None)
@@ -333,9 +333,9 @@ def reproduce_command(
     """Run the paper's grid (4 networks x 5 folds, 2 x 5 for manifestations) and write the
     report (Tables 1-5, Figs. 4, 6, 7). Finished runs are skipped: run again to resume."""
     _configure_logging()
-    from model_train.config import Config
-    from model_train.pretrained import ensure_pretrained
-    from model_train.reproduce import reproduce
+    from ctdx.model_train.config import Config
+    from ctdx.model_train.pretrained import ensure_pretrained
+    from ctdx.model_train.reproduce import reproduce
 
     cfg = _load(config, manifest, manifestation_manifest, cache_dir, device, epochs, pretrained)
     cfg = _with_split_file(cfg, split_file)
@@ -401,8 +401,8 @@ def evaluate_command(
         raise _user_error("--manifest, --out and --split-file go with an exported model file, "
                           "not a run root")
 
-    from model_train.config import config_from_dict, load_config, with_overrides
-    from model_train.report import write_report
+    from ctdx.model_train.config import config_from_dict, load_config, with_overrides
+    from ctdx.model_train.report import write_report
 
     try:
         if config is not None:
@@ -426,8 +426,8 @@ def _evaluate_model(model: Path, manifest: Path | None, out: Path | None, config
                     threshold: float | None, cache_dir: Path | None, device: str | None,
                     precision: str, split_file: Path | None) -> None:
     """``evaluate MODEL --manifest EXTERNAL.csv --out DIR`` (model_train.external)."""
-    from model_train.config import Config, with_overrides
-    from model_train.external import evaluate_external
+    from ctdx.model_train.config import Config, with_overrides
+    from ctdx.model_train.external import evaluate_external
 
     if manifest is None or out is None:
         raise _user_error(f"{model} is a model file: give --manifest EXTERNAL.csv and --out DIR")
@@ -475,7 +475,7 @@ def export_command(
 ) -> None:
     """Write the worker's checkpoint (new model UID, classes, preprocessing, data summary)."""
     _configure_logging()
-    from model_train.export import export_run
+    from ctdx.model_train.export import export_run
 
     if task not in ("recognition", "manifestation"):
         raise _user_error(f"--task must be recognition or manifestation, not {task!r}")
@@ -508,7 +508,7 @@ def synthetic_data_command(
     DICOM series (COVID-CT-MD layout), manifestation images (MedSeg layout) and a manifest
     for each. Computed images, no patient data; NOT FOR CLINICAL USE."""
     _configure_logging()
-    from model_train.synthetic import write_synthetic_data
+    from ctdx.model_train.synthetic import write_synthetic_data
 
     try:
         written = write_synthetic_data(out, subjects_per_class=subjects_per_class,
@@ -539,13 +539,13 @@ def demo_model_command(
 ) -> None:
     """Train (once, then cached) the synthetic demonstration models: ResNet50 recognition and
     ResNet18 manifestations on synthetic phantoms. NOT FOR CLINICAL USE."""
-    from model_train.cpu import passive_omp_threads
+    from ctdx.model_train.cpu import passive_omp_threads
 
     passive_omp_threads()
     _configure_logging()
-    from model_train.demo_model import DEMO_NOTICE, write_demo_model
-    from model_train.method.checkpoint import read_checkpoint_meta
-    from model_train.progress import ProgressLines
+    from ctdx.model_train.demo_model import DEMO_NOTICE, write_demo_model
+    from ctdx.model_train.method.checkpoint import read_checkpoint_meta
+    from ctdx.model_train.progress import ProgressLines
 
     with ProgressLines(lambda line: typer.echo(line, err=True)) as progress:
         paths = write_demo_model(out, manifestation_out, cache_dir, progress)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from model_train.manifest import SLICE_POLICIES, SlicePolicy
+from ctdx.model_train.manifest import SLICE_POLICIES, SlicePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class DataConfig:
     slice_policy: SlicePolicy = "lesion_only"
     """Recognition slices and labels: ``lesion_only`` (default), ``all`` (the paper's study
     labels) or ``slice_labels`` (lesion-free slices of pneumonia studies as normal);
-    recorded in exported checkpoints (``model_train.manifest.SlicePolicy``)."""
+    recorded in exported checkpoints (``ctdx.model_train.manifest.SlicePolicy``)."""
     min_lung_fraction: float = 0.02
     """Slices whose lung mask covers less of the image are left out, as the worker skips them."""
     cache_workers: int = 2
@@ -79,7 +79,7 @@ class SplitConfig:
     folds: int = 5
     holdout_percent: int = 30
     file: Path | None = None
-    """Split file (CSV subject,role[,fold]; ``model_train.split_file``): replaces the ring
+    """Split file (CSV subject,role[,fold]; ``ctdx.model_train.split_file``): replaces the ring
     construction above; validation and test sets may then be empty."""
 
 
@@ -118,7 +118,7 @@ class TrainConfig:
     """Cap on training slices per run (seeded sample; 0 = all): for smoke runs only."""
     bn_recalibration: bool = True
     """Re-estimate batch-norm running statistics on training slices (no augmentation)
-    before every validation (``model_train.bn``): eval mode then matches train mode."""
+    before every validation (``ctdx.model_train.bn``): eval mode then matches train mode."""
     bn_slices: int = 1024
     """Training slices (seeded sample) for the batch-norm re-estimate and for the
     per-epoch eval-mode accuracy on training slices."""
@@ -204,7 +204,7 @@ class Config:
 
     def preprocess_params(self) -> Any:
         """The :class:`PreprocessParams` of this config (imports torch)."""
-        from model_train.method.preprocess import PreprocessParams
+        from ctdx.model_train.method.preprocess import PreprocessParams
 
         return PreprocessParams(size=self.preprocess.size)
 

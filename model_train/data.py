@@ -2,7 +2,7 @@
 
 A task's rows come from the manifest (recognition: every row, filtered by the
 slice policy; manifestation: the rows with a manifestation), are split by
-:mod:`model_train.splits` (subjects, or images), expanded to slices, and read
+:mod:`ctdx.model_train.splits` (subjects, or images), expanded to slices, and read
 from the preprocessing cache. Slices whose lung mask covers less of the image
 than ``data.min_lung_fraction`` are left out, because the worker skips them and
 never asks the network about them.
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model_train.cache import build_cache, load_cached
-from model_train.config import Config, ConfigError
-from model_train.manifest import Manifest, apply_slice_policy, read_manifest
-from model_train.method.classes import Task, classes_for
-from model_train.method.preprocess import PreprocessParams
-from model_train.sources import expand_rows
-from model_train.splits import (
+from ctdx.model_train.cache import build_cache, load_cached
+from ctdx.model_train.config import Config, ConfigError
+from ctdx.model_train.manifest import Manifest, apply_slice_policy, read_manifest
+from ctdx.model_train.method.classes import Task, classes_for
+from ctdx.model_train.method.preprocess import PreprocessParams
+from ctdx.model_train.sources import expand_rows
+from ctdx.model_train.splits import (
     Split,
     manifestation_folds,
     recognition_folds,
@@ -125,7 +125,7 @@ def task_folds(config: Config, task: Task, manifest: Manifest) -> tuple[Split, .
     """
     own_manifest = task == "recognition" or config.data.manifestation_manifest is None
     if config.split.file is not None and own_manifest:
-        from model_train.split_file import folds_from_file
+        from ctdx.model_train.split_file import folds_from_file
 
         return folds_from_file(config.split.file, manifest, task_unit(task))
     make = recognition_folds if task == "recognition" else manifestation_folds

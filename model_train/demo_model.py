@@ -1,7 +1,7 @@
 """The synthetic demonstration models: what ``ctdx demo`` runs when no model is configured.
 
 **Not for clinical use.** They are trained from scratch (unpretrained) on
-synthetic chest phantoms (:mod:`model_train.phantom`), so that the whole product
+synthetic chest phantoms (:mod:`ctdx.model_train.phantom`), so that the whole product
 can be tried on a fresh machine without patient data or downloaded weights:
 about 40 s wall and 55 s CPU on the quiet 2-core dev VM (see the README for the
 numbers under load). Their names say so (``model_name`` carries
@@ -17,7 +17,7 @@ numbers under load). Their names say so (``model_name`` carries
   tried and dropped: 48 px, 3 epochs (also with twice the learning rate) or
   30% fewer slices all called the normal phantoms other pneumonia.
 - Manifestations: ResNet18 on synthetic ground-glass / consolidation / fibrotic
-  streak slices (:func:`model_train.synthetic.write_manifestation_set`'s images).
+  streak slices (:func:`ctdx.model_train.synthetic.write_manifestation_set`'s images).
 - Both get int8 weights, checked against fp32 on held-out phantoms of other
   seeds, so the demo's worker serves int8 as a production CPU worker does.
 
@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_train.cache import prepare_slices
-from model_train.data import SliceSet
-from model_train.int8 import int8_weights
-from model_train.method.checkpoint import (
+from ctdx.model_train.cache import prepare_slices
+from ctdx.model_train.data import SliceSet
+from ctdx.model_train.int8 import int8_weights
+from ctdx.model_train.method.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     CheckpointMeta,
@@ -55,20 +55,20 @@ from model_train.method.checkpoint import (
     read_checkpoint_meta,
     save_checkpoint,
 )
-from model_train.method.classes import METHOD_VERSION, RECOGNITION_CLASSES, Task, classes_for
-from model_train.method.hu import MIN_HU
-from model_train.method.networks import build_resnet
-from model_train.method.preprocess import (
+from ctdx.model_train.method.classes import METHOD_VERSION, RECOGNITION_CLASSES, Task, classes_for
+from ctdx.model_train.method.hu import MIN_HU
+from ctdx.model_train.method.networks import build_resnet
+from ctdx.model_train.method.preprocess import (
     AugmentParams,
     PreprocessParams,
     gray_from_uint8,
     to_network_input,
 )
-from model_train.method.quantize import QuantizationError
-from model_train.phantom import PHANTOM_KINDS, phantom_volume
-from model_train.progress import ProgressLines
-from model_train.sources import LoadedSlice
-from model_train.train import epoch_generator, evaluate, train_one_epoch
+from ctdx.model_train.method.quantize import QuantizationError
+from ctdx.model_train.phantom import PHANTOM_KINDS, phantom_volume
+from ctdx.model_train.progress import ProgressLines
+from ctdx.model_train.sources import LoadedSlice
+from ctdx.model_train.train import epoch_generator, evaluate, train_one_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +153,9 @@ def recognition_data(s: DemoSettings, params: PreprocessParams) -> SliceSet:
 
 def manifestation_data(s: DemoSettings, params: PreprocessParams, work: Path) -> SliceSet:
     """Synthetic manifestation slices, imported like MedSeg (8-bit, rotated, cropped)."""
-    from model_train.importers.medseg import import_medseg
-    from model_train.sources import expand_rows, load_slice
-    from model_train.synthetic import write_manifestation_set
+    from ctdx.model_train.importers.medseg import import_medseg
+    from ctdx.model_train.sources import expand_rows, load_slice
+    from ctdx.model_train.synthetic import write_manifestation_set
 
     root = write_manifestation_set(work / "manifestations", per_class=s.manifestation_per_class,
                                    size=s.phantom_size, seed=s.seed)
@@ -295,7 +295,7 @@ def _build(folder: Path, s: DemoSettings, progress: ProgressLines | None,
     params = PreprocessParams(size=s.size)
     key = demo_key(s)
     common = {"synthetic": True, "notice": DEMO_NOTICE, "demo_key": key,
-              "source": "model_train.phantom / model_train.synthetic (no patient data)",
+              "source": "ctdx.model_train.phantom / model_train.synthetic (no patient data)",
               "recipe": asdict(s)}
     if progress:
         progress.step("generating synthetic chest phantoms for the recognition network")

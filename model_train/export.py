@@ -1,6 +1,6 @@
 """``ctdx train export``: a trained run -> the checkpoint format the worker loads.
 
-The exported file is written with :func:`model_train.method.checkpoint.save_checkpoint`
+The exported file is written with :func:`ctdx.model_train.method.checkpoint.save_checkpoint`
 and carries the model name and version, a **new model UID** (a DICOM UID that
 the SR reports as the algorithm identity: each export is a distinct model), the
 task's class names, the preprocessing parameters the run was trained with, the
@@ -8,7 +8,7 @@ method version, and a summary of the training data (counts per set and class,
 the manifest's file name, fold, epochs; no subject identifiers).
 
 With ``int8=True`` the checkpoint also carries int8 weights for CPU serving
-(``model_train.method.quantize``): calibrated on the run's training slices and
+(``ctdx.model_train.method.quantize``): calibrated on the run's training slices and
 checked against fp32 on its validation and test slices (read from the run's
 preprocessing cache); the export fails when they agree less than
 ``min_agreement``. The split is the one the run recorded (``split.json``), never
@@ -34,14 +34,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from model_train.config import Config, NetworkSpec, config_from_dict
-from model_train.method.checkpoint import CheckpointMeta, Int8Weights, save_checkpoint
-from model_train.method.classes import Task
-from model_train.method.networks import build_resnet
-from model_train.metrics import mean_sd
-from model_train.report import collect_runs
-from model_train.splits import Split, read_split
-from model_train.train import load_train_checkpoint
+from ctdx.model_train.config import Config, NetworkSpec, config_from_dict
+from ctdx.model_train.method.checkpoint import CheckpointMeta, Int8Weights, save_checkpoint
+from ctdx.model_train.method.classes import Task
+from ctdx.model_train.method.networks import build_resnet
+from ctdx.model_train.metrics import mean_sd
+from ctdx.model_train.report import collect_runs
+from ctdx.model_train.splits import Split, read_split
+from ctdx.model_train.train import load_train_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _overall(result: dict[str, Any], name: str) -> float | None:
 def run_split(run: Path, split_file: Path | None, config: Config, task: Task) -> Split:
     """The split a run used: its ``split.json`` (written by every run), or, when given, fold
     ``result.fold`` of a split file; rebuilt from the config only for runs without one."""
-    from model_train.data import task_folds, task_manifest
+    from ctdx.model_train.data import task_folds, task_manifest
 
     fold = int(json.loads((run / "result.json").read_text())["fold"])
     if split_file is not None:
@@ -164,8 +164,8 @@ def _run_int8(model: nn.Module, config: Config, task: Task, split: Split,
               min_agreement: float) -> Int8Weights:
     """int8 weights from the run's own split: train slices calibrate, held-out slices check
     (the training slices when the split has no validation or test set)."""
-    from model_train.data import SliceSet, load_task_data, task_manifest
-    from model_train.int8 import int8_weights
+    from ctdx.model_train.data import SliceSet, load_task_data, task_manifest
+    from ctdx.model_train.int8 import int8_weights
 
     params = config.preprocess_params()
     manifest = task_manifest(config, task)

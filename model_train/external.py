@@ -4,7 +4,7 @@ What a site or a reviewer does with a model trained elsewhere: an exported
 checkpoint (``ctdx train export``) is run on a labelled manifest it never saw,
 through the same preprocessing as training and serving (the checkpoint's own
 ``PreprocessParams``, the same cache), and the paper's tables are written for
-that set by the same report code as a reproduction (:mod:`model_train.report`).
+that set by the same report code as a reproduction (:mod:`ctdx.model_train.report`).
 
 The set is every subject of the manifest (or the ``test`` subjects of a split
 file). It becomes one run folder ``DIR/<task>/<network>/fold-0/`` whose test set
@@ -28,16 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from model_train.config import Config, NetworkSpec
-from model_train.data import SliceSet, ensure_cached, load_slice_set, task_unit
-from model_train.manifest import Manifest, apply_slice_policy, read_manifest
-from model_train.method.checkpoint import load_checkpoint, read_checkpoint_meta
-from model_train.method.classes import Task, classes_for
-from model_train.method.inference import Precision, SliceClassifier
-from model_train.method.preprocess import gray_from_uint8, to_network_input
-from model_train.report import write_report
-from model_train.splits import image_key
-from model_train.train import Evaluation, _json_default, _metrics_dict, _write_predictions
+from ctdx.model_train.config import Config, NetworkSpec
+from ctdx.model_train.data import SliceSet, ensure_cached, load_slice_set, task_unit
+from ctdx.model_train.manifest import Manifest, apply_slice_policy, read_manifest
+from ctdx.model_train.method.checkpoint import load_checkpoint, read_checkpoint_meta
+from ctdx.model_train.method.classes import Task, classes_for
+from ctdx.model_train.method.inference import Precision, SliceClassifier
+from ctdx.model_train.method.preprocess import gray_from_uint8, to_network_input
+from ctdx.model_train.report import write_report
+from ctdx.model_train.splits import image_key
+from ctdx.model_train.train import Evaluation, _json_default, _metrics_dict, _write_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _predict(classifier: SliceClassifier, data: SliceSet, batch_size: int = 64) 
 def _keys(manifest: Manifest, task: Task, split_file: Path | None) -> tuple[str, ...]:
     subjects = {r.subject for r in manifest.rows}
     if split_file is not None:
-        from model_train.split_file import read_split_file
+        from ctdx.model_train.split_file import read_split_file
 
         named = {s for roles in read_split_file(split_file).values()
                  for s, role in roles.items() if role == "test"}

@@ -3,7 +3,7 @@
 Calibration uses a random sample of the training slices; the check against fp32
 uses held-out slices (for a run: its validation and test sets). Both go through
 the same preprocessing as training and serving (``gray_from_uint8`` then
-``to_network_input``). The method itself is in ``model_train.method.quantize``.
+``to_network_input``). The method itself is in ``ctdx.model_train.method.quantize``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model_train.data import SliceSet
-from model_train.method.checkpoint import Int8Weights
-from model_train.method.preprocess import PreprocessParams, gray_from_uint8, to_network_input
-from model_train.method.quantize import make_int8
+from ctdx.model_train.data import SliceSet
+from ctdx.model_train.method.checkpoint import Int8Weights
+from ctdx.model_train.method.preprocess import PreprocessParams, gray_from_uint8, to_network_input
+from ctdx.model_train.method.quantize import make_int8
 
 logger = logging.getLogger(__name__)
 

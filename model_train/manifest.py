@@ -2,7 +2,7 @@
 
 Every training input goes through a manifest, whatever the source layout, so
 splitting, caching and training see one format. Importers
-(:mod:`model_train.importers`) write manifests; people can write them by hand.
+(:mod:`ctdx.model_train.importers`) write manifests; people can write them by hand.
 
 Columns (header required, order free; unknown columns are an error so a typo
 is not silently ignored):
@@ -31,7 +31,7 @@ is not silently ignored):
 ``window_center``, ``window_width`` (optional, together)
     For 8-bit slice images only: the display window the image was exported
     with, used to map grey values back to approximate Hounsfield units
-    (:mod:`model_train.sources`). Default: the lung window -600 / 1500.
+    (:mod:`ctdx.model_train.sources`). Default: the lung window -600 / 1500.
 ``pixel_spacing`` (optional)
     For slice images only: millimetres per pixel, which the lung segmentation
     uses to size its morphology (DICOM files carry PixelSpacing). Default: the
@@ -39,7 +39,7 @@ is not silently ignored):
 ``cropped`` (optional, ``0``/``1``)
     For slice images cropped inside the body (MedSeg): the segmentation's chest
     step needs air around the body, so it runs on the image framed by soft
-    tissue and air (:mod:`model_train.cache`); the network input is unchanged.
+    tissue and air (:mod:`ctdx.model_train.cache`); the network input is unchanged.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from model_train.method.classes import MANIFESTATION_CLASSES, RECOGNITION_CLASSES
+from ctdx.model_train.method.classes import MANIFESTATION_CLASSES, RECOGNITION_CLASSES
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ mean (sd) in the tables is exactly what the test compares. With 5 folds it has
 with fewer than two folds it is undefined (NaN).
 
 Study level (paper, Results; Fig. 6, Fig. 7, Table 5): every analysed slice of a
-study goes through the recognition network; :func:`model_train.method.decision.decide_study`
+study goes through the recognition network; :func:`ctdx.model_train.method.decision.decide_study`
 turns the slice probabilities and the share threshold into the study's class.
 COVID-19 versus the rest gives sensitivity, specificity and accuracy; the three
 classes give the overall accuracy.
@@ -163,8 +163,8 @@ Decide = Callable[[NDArray[np.float32], float], str]
 
 
 def default_decide() -> Decide:
-    """The serving rule: :func:`model_train.method.decision.decide_study`."""
-    from model_train.method.decision import decide_study
+    """The serving rule: :func:`ctdx.model_train.method.decision.decide_study`."""
+    from ctdx.model_train.method.decision import decide_study
 
     def decide(probs: NDArray[np.float32], threshold: float) -> str:
         return str(decide_study(probs, threshold).decision)

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from model_train.config import Config, NetworkSpec
-from model_train.method.networks import IMAGENET_WEIGHTS, Arch, PretrainedWeightsError
+from ctdx.model_train.config import Config, NetworkSpec
+from ctdx.model_train.method.networks import IMAGENET_WEIGHTS, Arch, PretrainedWeightsError
 
 logger = logging.getLogger(__name__)
 

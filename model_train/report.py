@@ -1,6 +1,6 @@
 """The report of a reproduction run: the paper's Tables 1-5 and Figures 4, 6 and 7.
 
-Reads the run folders written by :mod:`model_train.train`
+Reads the run folders written by :mod:`ctdx.model_train.train`
 (``<root>/<task>/<network>/fold-<k>/``) and writes ``<root>/report/``:
 
 - ``table1`` (recognition, sensitivity and specificity per class),
@@ -16,9 +16,9 @@ Image-level tables are "mean (sd)" over the folds' test sets, in percent, as
 in the paper. P-values compare every network with the task's **last** network
 (the paper's reference: P-ResNet50 in Table 2, whose columns are UP-ResNet18,
 UP-ResNet50 and P-ResNet18 versus P-ResNet50; P-ResNet18 versus P-ResNet50 in
-Table 4) by a paired t-test over folds (:mod:`model_train.metrics`).
+Table 4) by a paired t-test over folds (:mod:`ctdx.model_train.metrics`).
 ROC curves (Fig. 4) and the study-level results (Table 5, Figs. 6 and 7) pool
-the test sets of all folds; they are disjoint (:mod:`model_train.splits`), so
+the test sets of all folds; they are disjoint (:mod:`ctdx.model_train.splits`), so
 every subject counts once. Table 5 also gives mean (sd) over folds.
 """
 
@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from model_train.config import Config, dump_toml
-from model_train.method.classes import Task, classes_for, display_name
-from model_train.metrics import (
+from ctdx.model_train.config import Config, dump_toml
+from ctdx.model_train.method.classes import Task, classes_for, display_name
+from ctdx.model_train.metrics import (
     StudyMetrics,
     StudyPredictions,
     format_mean_sd,
@@ -399,7 +399,7 @@ def epochs_table(runs: Sequence[RunRecord], out: Path) -> Path:
     lines = ["# Per epoch: train mode vs eval mode", "",
              "train mode: accuracy during the epoch's training pass (batch statistics, "
              "augmented); eval mode: accuracy on a fixed sample of training slices in eval "
-             "mode after the batch-norm re-estimate (`model_train.bn`); the epoch kept is the "
+             "mode after the batch-norm re-estimate (`ctdx.model_train.bn`); the epoch kept is the "
              "last of the best moving average of validation accuracy (`train.select_window`).",
              ""]
     for r in runs:

@@ -16,18 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_train.config import Config, dump_toml
-from model_train.data import (
+from ctdx.model_train.config import Config, dump_toml
+from ctdx.model_train.data import (
     ensure_cached,
     load_task_data,
     study_manifest,
     task_folds,
     task_manifest,
 )
-from model_train.method.classes import TASKS
-from model_train.progress import ProgressBar
-from model_train.report import write_report
-from model_train.train import RunSpec, run_dir, run_is_done, run_training
+from ctdx.model_train.method.classes import TASKS
+from ctdx.model_train.progress import ProgressBar
+from ctdx.model_train.report import write_report
+from ctdx.model_train.train import RunSpec, run_dir, run_is_done, run_training
 
 logger = logging.getLogger(__name__)
 

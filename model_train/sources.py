@@ -12,7 +12,7 @@
   export window were clipped by the exporter and stay clipped. The image is
   first rotated clockwise by the row's ``rotate``. Images cropped inside the
   body are marked ``cropped`` and get a frame for the segmentation only
-  (:func:`model_train.cache.prepare_slices`). After that the shared
+  (:func:`ctdx.model_train.cache.prepare_slices`). After that the shared
   segmentation and preprocessing run unchanged, so the lung threshold of
   -850 HU falls at grey 85; how well the lung mask works on such images is the
   data set's caveat, not a second preprocessing.
@@ -30,8 +30,8 @@ import pydicom
 from numpy.typing import NDArray
 from PIL import Image
 
-from model_train.manifest import IMAGE_SUFFIXES, ManifestRow
-from model_train.method.hu import MIN_HU, rescale_to_hu
+from ctdx.model_train.manifest import IMAGE_SUFFIXES, ManifestRow
+from ctdx.model_train.method.hu import MIN_HU, rescale_to_hu
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ def dicom_slice(path: Path) -> LoadedSlice:
 
     HU are computed as the worker computes them: ``stored * RescaleSlope +
     RescaleIntercept`` in float32, clipped below at -1024 HU (padding outside the
-    scan field reads as air): ``model_train.method.hu.rescale_to_hu``, the one
-    definition the worker's ``worker.loading.decode_hu`` uses too.
+    scan field reads as air): ``ctdx.model_train.method.hu.rescale_to_hu``, the one
+    definition the worker's ``ctdx.worker.loading.decode_hu`` uses too.
     """
     try:
         ds = pydicom.dcmread(path)

@@ -10,7 +10,7 @@ A CSV with a header and one row per subject::
 ``role`` is ``train``, ``val`` (or ``validation``) or ``test``; ``fold`` is optional
 (default 0) and lets one file hold several folds (a subject then has one row per
 fold). Validation and test sets may be empty: with all subjects in ``train`` the
-model kept is the last epoch (:mod:`model_train.train`), and a test set may be
+model kept is the last epoch (:mod:`ctdx.model_train.train`), and a test set may be
 another site's subjects (an external test set inside the same manifest).
 
 Subjects of the manifest that the file does not name are left out (with a log
@@ -29,8 +29,8 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from model_train.manifest import Manifest
-from model_train.splits import Split, SplitError, image_key
+from ctdx.model_train.manifest import Manifest
+from ctdx.model_train.splits import Split, SplitError, image_key
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_train.manifest import Manifest, ManifestRow
+from ctdx.model_train.manifest import Manifest, ManifestRow
 
 logger = logging.getLogger(__name__)
 

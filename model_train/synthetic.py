@@ -1,6 +1,6 @@
 """Synthetic labelled data sets in the layouts the importers read (tests, demo model, benchmarks).
 
-- :func:`write_recognition_set`: phantom DICOM series (``model_train.phantom``) in
+- :func:`write_recognition_set`: phantom DICOM series (``ctdx.model_train.phantom``) in
   the COVID-CT-MD layout: ``<COVID-19|CAP|Normal>/<subject>/<SOP>.dcm`` plus
   ``slice_labels.csv`` (lesion slices marked, normal subjects unlabelled as in
   the real set), read by :func:`~model_train.importers.dicom_table.import_dicom_table`.
@@ -26,7 +26,12 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from model_train.phantom import PhantomKind, phantom_labels, phantom_slice, write_phantom_series
+from ctdx.model_train.phantom import (
+    PhantomKind,
+    phantom_labels,
+    phantom_slice,
+    write_phantom_series,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +170,9 @@ def write_synthetic_data(
 
     Refuses a non-empty ``out`` (an earlier set would mix with this one).
     """
-    from model_train.importers.dicom_table import import_dicom_table
-    from model_train.importers.medseg import import_medseg
-    from model_train.manifest import write_manifest
+    from ctdx.model_train.importers.dicom_table import import_dicom_table
+    from ctdx.model_train.importers.medseg import import_medseg
+    from ctdx.model_train.manifest import write_manifest
 
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: give a new folder for the synthetic data")

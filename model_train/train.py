@@ -9,7 +9,7 @@ the model kept is the one with the best validation accuracy (ties: lower
 validation loss).
 
 Before every validation the batch-norm running statistics are re-estimated on a
-fixed sample of training slices (:mod:`model_train.bn`), so eval mode matches
+fixed sample of training slices (:mod:`ctdx.model_train.bn`), so eval mode matches
 train mode; ``history.csv`` records both accuracies per epoch
 (``train_accuracy``: train mode, during the epoch; ``train_eval_accuracy``: eval
 mode on the training sample).
@@ -56,20 +56,27 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model_train.bn import recalibrate_bn, sample_indices, subset
-from model_train.config import Config, ConfigError, NetworkSpec, dump_toml, load_config, to_dict
-from model_train.data import SliceSet, TaskData
-from model_train.method.classes import Task
-from model_train.method.networks import backbone_parameters, build_resnet, head_parameters
-from model_train.method.preprocess import (
+from ctdx.model_train.bn import recalibrate_bn, sample_indices, subset
+from ctdx.model_train.config import (
+    Config,
+    ConfigError,
+    NetworkSpec,
+    dump_toml,
+    load_config,
+    to_dict,
+)
+from ctdx.model_train.data import SliceSet, TaskData
+from ctdx.model_train.method.classes import Task
+from ctdx.model_train.method.networks import backbone_parameters, build_resnet, head_parameters
+from ctdx.model_train.method.preprocess import (
     AugmentParams,
     PreprocessParams,
     gray_from_uint8,
     to_network_input,
     train_augment,
 )
-from model_train.metrics import class_metrics, confusion, roc_per_class
-from model_train.splits import write_split
+from ctdx.model_train.metrics import class_metrics, confusion, roc_per_class
+from ctdx.model_train.splits import write_split
 
 logger = logging.getLogger(__name__)
 
@@ -511,7 +518,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The effective config: the file, then command-line overrides (args are not modified)."""
-    from model_train.config import with_overrides
+    from ctdx.model_train.config import with_overrides
 
     config = load_config(Path(args.config))
     network = NetworkSpec.parse(args.network)
@@ -529,7 +536,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def main(args: argparse.Namespace) -> RunResult:
     """Build the cache if needed, load the fold, train, evaluate."""
-    from model_train.data import (
+    from ctdx.model_train.data import (
         ensure_cached,
         load_task_data,
         study_manifest,
@@ -551,7 +558,7 @@ def main(args: argparse.Namespace) -> RunResult:
 
 
 if __name__ == "__main__":
-    from db.logs import configure_logging
+    from ctdx.db.logs import configure_logging
 
     configure_logging()
     main(get_args_parser().parse_args())

@@ -4,7 +4,7 @@ pynetdicom reads the first PDU of a connection like any other: into a buffer of
 the size the peer declares (a 4 GiB length field allocated 4 GiB), with no time
 limit of its own, and it accepts requests the standard says are malformed. The
 listener therefore reads the request itself, in the connection's own thread,
-before pynetdicom builds an association (:mod:`scp.transport` hands the request
+before pynetdicom builds an association (:mod:`ctdx.scp.transport` hands the request
 over):
 
 - the whole phase, TLS handshake included, ends within the ACSE time-out

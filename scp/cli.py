@@ -16,7 +16,7 @@ import typer
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
-from db.cli_common import (
+from ctdx.db.cli.common import (
     EXIT_DATABASE,
     EXIT_USAGE,
     UserError,
@@ -86,11 +86,11 @@ def scp(
     ] = "INFO",
 ) -> None:
     """Receive CT studies (C-STORE, MPPS), store them durably, queue complete ones."""
-    from db.logs import configure_logging
-    from db.migrate import DatabaseNotReady, require_head
-    from db.session import make_engine
-    from db.settings import load_settings
-    from scp.server import serve, tls_context
+    from ctdx.db.logs import configure_logging
+    from ctdx.db.migrate import DatabaseNotReady, require_head
+    from ctdx.db.session import make_engine
+    from ctdx.db.settings import load_settings
+    from ctdx.scp.server import serve, tls_context
 
     try:
         settings = load_settings(

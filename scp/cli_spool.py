@@ -7,13 +7,13 @@ from typing import Any
 
 import typer
 
-from db import operations
-from db.cli_common import DatabaseUrlOption, UserError, open_database
-from db.cli_output import iso_utc, make_console, write_json
-from db.session import session_scope
-from db.settings import load_settings
-from scp import retention
-from scp.retention import PruneResult
+from ctdx.db import operations
+from ctdx.db.cli.common import DatabaseUrlOption, UserError, open_database
+from ctdx.db.cli.output import iso_utc, make_console, write_json
+from ctdx.db.session import session_scope
+from ctdx.db.settings import load_settings
+from ctdx.scp import retention
+from ctdx.scp.retention import PruneResult
 
 spool_app = typer.Typer(
     help="The spool of received instances under CTDX_DATA_DIR.",

@@ -8,14 +8,14 @@ Storage would reach our storage handler (or be answered success). PS3.7 9.1.1
 other is refused 0x0122 (*SOP class not supported*), never stored. The
 Affected SOP Instance UID of a C-STORE names the stored file: missing or empty
 is 0xC220, anything that is not a valid UID (too long, not ASCII, a ``/``)
-0xC221, as for the UIDs in the data set. The fast path (:mod:`scp.fastpath`)
-and the pynetdicom handlers (:mod:`scp.handlers`) call the same functions.
+0xC221, as for the UIDs in the data set. The fast path (:mod:`ctdx.scp.fastpath`)
+and the pynetdicom handlers (:mod:`ctdx.scp.handlers`) call the same functions.
 """
 
 from __future__ import annotations
 
-from scp.status import Rejected, Status
-from scp.uids import InvalidUid, validate_uid
+from ctdx.scp.status import Rejected, Status
+from ctdx.scp.uids import InvalidUid, validate_uid
 
 __all__ = ["check_context", "check_store_command"]
 

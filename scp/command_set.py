@@ -1,8 +1,8 @@
 """DIMSE command sets (group 0000, implicit VR little endian), encoded without pydicom.
 
-One encoder for both users: :mod:`scp.transport` installs
+One encoder for both users: :mod:`ctdx.scp.transport` installs
 :func:`encode_command_set` in place of pydicom's general writer for the command
-sets pynetdicom sends, and :mod:`scp.fastpath` builds its C-STORE responses
+sets pynetdicom sends, and :mod:`ctdx.scp.fastpath` builds its C-STORE responses
 with :func:`command_set`. Same bytes as pydicom's ``write_dataset`` for what it
 handles: US, UL, UI (NUL padded), short text VRs (space padded); tests hold
 both to pydicom's and pynetdicom's bytes.

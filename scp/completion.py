@@ -13,7 +13,7 @@ in the same transaction) when either
 Every state change is a guarded ``UPDATE ... WHERE state = 'receiving'``: the
 C-STORE path bumps ``last_received_at`` under the same guard, so an instance
 and a completion racing on one version serialise on its row, and the instance
-that loses opens version n+1 (see :mod:`scp.registry`).
+that loses opens version n+1 (see :mod:`ctdx.scp.registry`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from sqlalchemy import Table, delete, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import (
+from ctdx.db.models import (
     Instance,
     OutboxEntry,
     PerformedProcedureStep,
@@ -36,7 +36,7 @@ from db.models import (
     StudyVersion,
     VersionState,
 )
-from scp import mpps
+from ctdx.scp import mpps
 
 logger = logging.getLogger(__name__)
 

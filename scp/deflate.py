@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from scp.header_scan import file_meta_end
-from scp.receive import TEMP_PREFIX
-from scp.status import Rejected, Status
+from ctdx.scp.header_scan import file_meta_end
+from ctdx.scp.receive import TEMP_PREFIX
+from ctdx.scp.status import Rejected, Status
 
 __all__ = ["MAX_INFLATED_BYTES", "inflated"]
 

@@ -18,7 +18,7 @@ Sta6 stays Sta6, as pynetdicom's DT-1 and DT-2 actions would leave it.
 
 A C-STORE whose command the listener refuses (its SOP class is not the
 context's, its Affected SOP Instance UID missing or invalid: see
-:mod:`scp.command_check`) is read to its end without writing anything and
+:mod:`ctdx.scp.command_check`) is read to its end without writing anything and
 answered with that status; the association goes on.
 
 Everything else goes to pynetdicom unchanged, PDU by PDU: other commands
@@ -58,11 +58,11 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.service_class import StorageServiceClass
 
-from scp.command_check import check_store_command
-from scp.command_set import command_set, value_bytes
-from scp.receive import ReceivedFile
-from scp.status import Rejected, Status, status_dataset
-from scp.uids import is_valid_uid
+from ctdx.scp.command_check import check_store_command
+from ctdx.scp.command_set import command_set, value_bytes
+from ctdx.scp.receive import ReceivedFile
+from ctdx.scp.status import Rejected, Status, status_dataset
+from ctdx.scp.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 

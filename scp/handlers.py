@@ -26,16 +26,16 @@ from pynetdicom.pdu_primitives import A_RELEASE
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from db.models import utcnow
-from db.session import session_scope
-from scp import completion, mpps, registry
-from scp import metrics as scp_metrics
-from scp.command_check import check_context, check_store_command
-from scp.receive import MISSING_UID, discard_unclaimed
-from scp.rejections import reject_reason
-from scp.status import Rejected, Status, status_dataset
-from scp.store import AssociationLease, InstanceStore, Outcome
-from scp.uids import is_valid_uid
+from ctdx.db.models import utcnow
+from ctdx.db.session import session_scope
+from ctdx.scp import completion, mpps, registry
+from ctdx.scp import metrics as scp_metrics
+from ctdx.scp.command_check import check_context, check_store_command
+from ctdx.scp.receive import MISSING_UID, discard_unclaimed
+from ctdx.scp.rejections import reject_reason
+from ctdx.scp.status import Rejected, Status, status_dataset
+from ctdx.scp.store import AssociationLease, InstanceStore, Outcome
+from ctdx.scp.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def store_received(
     sop_class_uid: str,
     sop_instance_uid: str,
 ) -> int | Dataset:
-    """C-STORE: durable on disk and in the database before success (see :mod:`scp.store`)."""
+    """C-STORE: durable on disk and in the database before success (see :mod:`ctdx.scp.store`)."""
     lease = ctx.associations.lease_for(assoc)
     size = scp_metrics.file_size(received)  # before the store moves it
     try:

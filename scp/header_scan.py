@@ -25,7 +25,7 @@ answers success (no decode, no pixel data read):
 In implicit VR a sequence of defined length is recognised by its tag (the
 standard's SQ attributes); a private one is stepped over like any value.
 Anything it cannot follow raises :class:`HeaderError` (the caller answers
-0xC210). Deflated data sets are inflated to a file first (:mod:`scp.deflate`).
+0xC210). Deflated data sets are inflated to a file first (:mod:`ctdx.scp.deflate`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """What the listener needs to know about a received instance, read from its header.
 
-One pass of the fast walker of :mod:`scp.header_scan` over the whole element
+One pass of the fast walker of :mod:`ctdx.scp.header_scan` over the whole element
 stream (its structural check: no pixel decode on the hot path) gives the
 header values and where the pixel data is; deflated data sets are inflated to
-a temporary file first (:mod:`scp.deflate`). The pixel data element is then
+a temporary file first (:mod:`ctdx.scp.deflate`). The pixel data element is then
 checked against Rows, Columns, Samples per Pixel, Bits Allocated and Number of
 Frames (which must be a positive integer when present): native encodings must
 have exactly the expected length, encapsulated ones at least one fragment per
@@ -22,10 +22,10 @@ from pathlib import Path
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from scp.deflate import inflated
-from scp.header_scan import HeaderError, NestingTooDeep, RawHeader, scan_header
-from scp.status import Rejected, Status
-from scp.uids import InvalidUid, validate_uid
+from ctdx.scp.deflate import inflated
+from ctdx.scp.header_scan import HeaderError, NestingTooDeep, RawHeader, scan_header
+from ctdx.scp.status import Rejected, Status
+from ctdx.scp.uids import InvalidUid, validate_uid
 
 logger = logging.getLogger(__name__)
 

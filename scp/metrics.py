@@ -1,6 +1,6 @@
 """The listener's Prometheus metrics (``CTDX_METRICS_PORT``, default 9108; 0 = off).
 
-Counted in every listener process (multiprocess mode, see :mod:`db.metrics`)
+Counted in every listener process (multiprocess mode, see :mod:`ctdx.db.metrics`)
 and served by the primary: instances received by C-STORE status, bytes,
 open associations, refusals by reason, studies handed to the broker and
 published again, whether the broker answered. Read from the database at
@@ -23,10 +23,10 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from db.models import utcnow
-from db.session import session_scope
-from db.settings import Settings
-from scp.status import Status
+from ctdx.db.models import utcnow
+from ctdx.db.session import session_scope
+from ctdx.db.settings import Settings
+from ctdx.scp.status import Status
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _on_closed(event: Any) -> None:
 
 def _on_rejected(event: Any) -> None:
     try:
-        from scp.rejections import reject_reason
+        from ctdx.scp.rejections import reject_reason
 
         listener_metrics().refusals.labels(reason=f"association {reject_reason(event)}").inc()
     except Exception:
@@ -165,7 +165,7 @@ def _database_families(settings: Settings) -> Any:
     def families(engine: Engine) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from db import health
+        from ctdx.db import health
 
         now = utcnow()
         with session_scope(engine) as session:
@@ -194,7 +194,7 @@ def _database_families(settings: Settings) -> Any:
 def process_exited(pid: int | None) -> None:
     """A listener process ended: forget its live gauges (open associations)."""
     if pid is not None:
-        from db.metrics import process_exited as forget
+        from ctdx.db.metrics import process_exited as forget
 
         forget(pid)
 
@@ -203,8 +203,8 @@ def start(settings: Settings) -> Any | None:
     """In the primary listener process, before secondaries start: the metrics endpoint."""
     if settings.metrics_port == 0:
         return None
-    from db import metrics
-    from db.session import make_engine
+    from ctdx.db import metrics
+    from ctdx.db.session import make_engine
 
     metrics.prepare("listener")
     listener_metrics()

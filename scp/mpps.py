@@ -18,9 +18,9 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import PerformedProcedureStep
-from scp.status import Rejected, Status
-from scp.uids import is_valid_uid
+from ctdx.db.models import PerformedProcedureStep
+from ctdx.scp.status import Rejected, Status
+from ctdx.scp.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The outbox: completed study versions handed to the broker, at least once, in order.
 
 A version completes in the database first (state ``complete`` plus an
-``outbox`` row, one transaction: :mod:`scp.completion`). The dispatcher then
+``outbox`` row, one transaction: :mod:`ctdx.scp.completion`). The dispatcher then
 sends ``ctdx.process_study(study_version_id)`` with the task id
 ``study-version-<id>`` and, after the broker accepted it, marks the row
 dispatched and the version ``queued``. While the broker is down the row stays
@@ -12,7 +12,7 @@ same task id after restart. That duplicate is harmless by contract: the worker
 claims a version idempotently (one analysis per version and model) and drops a
 task whose version is already being, or has been, processed.
 
-The dispatcher also reconciles (:mod:`worker.reconcile`): every few seconds it
+The dispatcher also reconciles (:mod:`ctdx.worker.reconcile`): every few seconds it
 publishes again the versions the broker lost (queued but never claimed, or
 claimed by a worker whose heartbeat stopped), leaves the listener's heartbeat
 for ``ctdx status``, and says once, as a warning, when the broker is
@@ -32,11 +32,11 @@ from kombu.exceptions import KombuError
 from sqlalchemy import Engine, Table, func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import OutboxEntry, ServiceKind, StudyVersion, VersionState, utcnow
-from db.reconcile import PublishFailed, ServiceBeat, reconcile_interval, republish_stalled
-from db.session import session_scope
-from db.settings import Settings
-from scp.metrics import listener_metrics
+from ctdx.db.models import OutboxEntry, ServiceKind, StudyVersion, VersionState, utcnow
+from ctdx.db.reconcile import PublishFailed, ServiceBeat, reconcile_interval, republish_stalled
+from ctdx.db.session import session_scope
+from ctdx.db.settings import Settings
+from ctdx.scp.metrics import listener_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +66,13 @@ class CelerySender:
     """Sends ``ctdx.process_study`` through the project's Celery app (JSON, by name)."""
 
     def __init__(self, settings: Settings, queue: str | None = None) -> None:
-        from db.broker import QUEUE, make_celery
+        from ctdx.db.broker import QUEUE, make_celery
 
         self.app = make_celery(settings)
         self.queue = queue or QUEUE
 
     def send(self, study_version_id: int) -> None:
-        from db.broker import TASK_PROCESS_STUDY, task_id_for
+        from ctdx.db.broker import TASK_PROCESS_STUDY, task_id_for
 
         try:
             self.app.send_task(
@@ -161,7 +161,7 @@ class OutboxDispatcher:
     """Hands due outbox rows to a :class:`Sender`; one per listener installation.
 
     With ``settings`` it also reconciles (see the module docstring) every
-    :func:`db.reconcile.reconcile_interval` seconds.
+    :func:`ctdx.db.reconcile.reconcile_interval` seconds.
     """
 
     def __init__(

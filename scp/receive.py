@@ -13,7 +13,7 @@ On Linux, every ``WRITEBACK_BYTES`` written also start their write-back
 the rest arrives, so the fsync that makes it durable before success mostly
 finds it done. Not per fragment: for a 512 kB slice that was five more system
 calls (and GIL hand-offs) per instance and measured 10-20% slower receiving.
-The fast path (:mod:`scp.fastpath`) writes through the same class
+The fast path (:mod:`ctdx.scp.fastpath`) writes through the same class
 (:class:`ReceivedFile`).
 Each chunk is also hashed as it is written (:func:`take_digest`), so the
 handler does not read the whole file back to compute its SHA-256.
@@ -23,7 +23,7 @@ command was not decodable) is deleted when its association's connection
 closes (:func:`discard_unclaimed`), not left for the periodic sweep.
 
 While streaming is on, pynetdicom's decoder is made to tolerate what our
-handlers refuse with a status (:mod:`scp.command_check`): a C-STORE command
+handlers refuse with a status (:mod:`ctdx.scp.command_check`): a C-STORE command
 without Affected SOP Instance UID would otherwise raise in pynetdicom's
 receiving thread (or, empty, be ignored without a response) and one longer
 than 64 characters would fail its validation; either ended the association.

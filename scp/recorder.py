@@ -40,11 +40,11 @@ from pydicom.filereader import read_file_meta_info
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from db.models import utcnow
-from scp import registry
-from scp.instance import InstanceHeader, read_instance_header
-from scp.spool import Sealed, Spool, relative_path
-from scp.status import Rejected
+from ctdx.db.models import utcnow
+from ctdx.scp import registry
+from ctdx.scp.instance import InstanceHeader, read_instance_header
+from ctdx.scp.spool import Sealed, Spool, relative_path
+from ctdx.scp.status import Rejected
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from db.models import (
+from ctdx.db.models import (
     Instance,
     ReceivingLease,
     Series,
@@ -37,8 +37,8 @@ from db.models import (
     StudyVersion,
     VersionState,
 )
-from scp.instance import InstanceHeader
-from scp.spool import Sealed
+from ctdx.scp.instance import InstanceHeader
+from ctdx.scp.spool import Sealed
 
 logger = logging.getLogger(__name__)
 

@@ -4,14 +4,14 @@ What may go (a *finished* study): every version of the study is ``analysed``
 or ``failed``, no analysis of it is running, and no report object of it is
 still ``pending`` (each is ``delivered`` or ``dead``). A study is the unit
 because a version is analysed together with the instances of the earlier
-versions (:mod:`worker.study`). What stays: the database rows (results,
+versions (:mod:`ctdx.worker.study`). What stays: the database rows (results,
 instances, audit), ctdx's own report objects, and every file of a study that
 is not finished.
 
 - **Retention**: finished studies whose newest instance arrived more than
   ``CTDX_RETENTION_DAYS`` ago.
 - **Emergency cleaning**: while the free space under the spool (read by
-  :meth:`scp.spool.Spool.free_bytes`, the function of the listener's disk
+  :meth:`ctdx.scp.spool.Spool.free_bytes`, the function of the listener's disk
   guard) is below ``CTDX_EMERGENCY_FREE_BYTES``, finished studies regardless of
   age, oldest first.
 
@@ -49,7 +49,7 @@ from sqlalchemy import Engine, Select, and_, case, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     AnalysisState,
     Export,
@@ -63,9 +63,9 @@ from db.models import (
     VersionState,
     utcnow,
 )
-from db.session import session_scope
-from db.settings import Settings
-from scp.spool import Spool
+from ctdx.db.session import session_scope
+from ctdx.db.settings import Settings
+from ctdx.scp.spool import Spool
 
 logger = logging.getLogger(__name__)
 

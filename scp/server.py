@@ -9,7 +9,7 @@ one core receives) and keep their own associations' leases alive.
 
 Start-up recovery (primary, before listening): leftover temporary files are
 deleted, acknowledged instances without a database row (``.unindexed`` links,
-see :mod:`scp.recorder`) are recorded, leases of dead processes of this host
+see :mod:`ctdx.scp.recorder`) are recorded, leases of dead processes of this host
 are dropped, versions still ``receiving`` get a fresh quiet period (their
 senders are likely to resend), and outbox rows not yet dispatched are sent by
 the dispatcher as usual.
@@ -49,21 +49,21 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.logs import silence_identifier_logging
-from db.migrate import require_head
-from db.models import utcnow
-from db.session import make_engine, session_scope
-from db.settings import Settings
-from scp import completion, registry
-from scp import metrics as scp_metrics
-from scp.fastpath import FastStoreConfig
-from scp.handlers import Associations, ListenerContext, event_handlers, store_received
-from scp.outbox import CelerySender, OutboxDispatcher, Sender
-from scp.receive import stop_streaming, stream_received_data_sets_to
-from scp.recorder import ORPHAN_SECONDS, reindex_unindexed
-from scp.spool import Spool
-from scp.store import InstanceStore
-from scp.transport import (
+from ctdx.db.logs import silence_identifier_logging
+from ctdx.db.migrate import require_head
+from ctdx.db.models import utcnow
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings
+from ctdx.scp import completion, registry
+from ctdx.scp import metrics as scp_metrics
+from ctdx.scp.fastpath import FastStoreConfig
+from ctdx.scp.handlers import Associations, ListenerContext, event_handlers, store_received
+from ctdx.scp.outbox import CelerySender, OutboxDispatcher, Sender
+from ctdx.scp.receive import stop_streaming, stream_received_data_sets_to
+from ctdx.scp.recorder import ORPHAN_SECONDS, reindex_unindexed
+from ctdx.scp.spool import Spool
+from ctdx.scp.store import InstanceStore
+from ctdx.scp.transport import (
     ConnectionLimits,
     ListenerServer,
     use_event_driven_waits,
@@ -199,7 +199,7 @@ class Listener:
 
     @property
     def fast_path_answers(self) -> int:
-        """C-STORE requests this process answered on the fast path (:mod:`scp.fastpath`)."""
+        """C-STORE requests this process answered on the fast path (:mod:`ctdx.scp.fastpath`)."""
         config = self._server.fast_store if self._server is not None else None
         return config.answered.value if config is not None else 0
 
@@ -427,7 +427,7 @@ def recover(settings: Settings, engine: Engine) -> None:
 
 def _secondary_main(settings: Settings, parent_pid: int, index: int) -> None:
     """A secondary listener process: serve until told to stop or the parent is gone."""
-    from db.logs import configure_logging
+    from ctdx.db.logs import configure_logging
 
     configure_logging()
     configure_process()
@@ -446,7 +446,7 @@ def configure_process() -> None:
     """Process-wide switches of a listener process (``ctdx scp`` and its secondaries).
 
     pydicom only decodes DIMSE command sets and MPPS attribute lists here (data
-    sets are read by :mod:`scp.header_scan`, never re-encoded), so checking each
+    sets are read by :mod:`ctdx.scp.header_scan`, never re-encoded), so checking each
     value against its VR's regular expression is work without a use: the
     listener is tolerant when decoding. Only set in listener processes: other
     code in a process (tests, the report builder) keeps pydicom's validation.

@@ -1,9 +1,9 @@
 """The spool: received instances on disk, durable before the listener answers success.
 
 Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
-built from validated UIDs only (:mod:`scp.uids`). pynetdicom streams each
+built from validated UIDs only (:mod:`ctdx.scp.uids`). pynetdicom streams each
 received data set into a temporary file in this process's own folder under
-``<spool>/.incoming`` (same file system, see :mod:`scp.receive`).
+``<spool>/.incoming`` (same file system, see :mod:`ctdx.scp.receive`).
 :meth:`Spool.link_new` gives it its final name atomically (never replacing
 another file), :meth:`Spool.seal` hashes and fsyncs it,
 :meth:`Spool.sync_directory` makes the name durable; a crash leaves
@@ -39,7 +39,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from scp.instance import InstanceHeader
+from ctdx.scp.instance import InstanceHeader
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Spool:
         """Flush a received file (data and metadata) to stable storage; hash it if not ``known``.
 
         ``known`` is the digest taken while the file was written
-        (:func:`scp.receive.take_digest`), which spares reading it back.
+        (:func:`ctdx.scp.receive.take_digest`), which spares reading it back.
         """
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -4,7 +4,7 @@ Order, so that success is only ever answered for what survives a crash:
 
 1. disk-space guard (``CTDX_MIN_FREE_BYTES``) and database health before
    anything is written;
-2. header read and checked (:mod:`scp.instance`); its UIDs name the file;
+2. header read and checked (:mod:`ctdx.scp.instance`); its UIDs name the file;
 3. a committed row under the SOP Instance UID makes this a duplicate (below);
 4. the received file is linked as ``.unindexed/<SOP Instance UID>`` (exclusive:
    the claim while its row is pending) and under its final name (a hard link,
@@ -37,13 +37,13 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import utcnow
-from scp import registry
-from scp.instance import InstanceHeader, read_instance_header
-from scp.receive import take_digest
-from scp.recorder import Pending, Recorder
-from scp.spool import Sealed, Spool, relative_path
-from scp.status import Rejected, Status
+from ctdx.db.models import utcnow
+from ctdx.scp import registry
+from ctdx.scp.instance import InstanceHeader, read_instance_header
+from ctdx.scp.receive import take_digest
+from ctdx.scp.recorder import Pending, Recorder
+from ctdx.scp.spool import Sealed, Spool, relative_path
+from ctdx.scp.status import Rejected, Status
 
 logger = logging.getLogger(__name__)
 

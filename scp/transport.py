@@ -2,12 +2,12 @@
 
 Small departures from pynetdicom's defaults, each for the hot path (the
 largest, C-STORE requests received and answered on the DUL thread, lives in
-:mod:`scp.fastpath`; :meth:`EventDrivenDUL._read_pdu_data` hands it the PDUs):
+:mod:`ctdx.scp.fastpath`; :meth:`EventDrivenDUL._read_pdu_data` hands it the PDUs):
 
 - ``SO_REUSEPORT`` when several listener processes share the port;
 - no ``gc.collect()`` from the accept loop (pynetdicom runs a full collection
   every 60 polls, holding the GIL for tens of milliseconds mid-transfer);
-- each connection's A-ASSOCIATE-RQ is read and checked by :mod:`scp.acceptor` in
+- each connection's A-ASSOCIATE-RQ is read and checked by :mod:`ctdx.scp.acceptor` in
   the connection's thread, within the ACSE time-out and at most 64 KiB, before
   pynetdicom builds the association and is handed the request as if its DUL had
   read it; :class:`ConnectionLimits` counts associations from that point on and
@@ -18,7 +18,7 @@ largest, C-STORE requests received and answered on the DUL thread, lives in
   as bytes arrive, and a PDU longer than the maximum the listener announced is
   aborted before any of its body is read, so a length field never sizes memory;
 - DIMSE command sets (a dozen group 0000 elements, always implicit VR little
-  endian) are encoded by :func:`scp.command_set.encode_command_set` instead of pydicom's
+  endian) are encoded by :func:`ctdx.scp.command_set.encode_command_set` instead of pydicom's
   general writer, which pynetdicom calls twice per message (once to measure
   the group length): about 1 ms of the listener's CPU per C-STORE response.
   Anything it does not recognise goes to pydicom as before, and a test keeps
@@ -68,7 +68,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from scp.acceptor import (
+from ctdx.scp.acceptor import (
     MAX_ASSOCIATE_RQ,
     ConnectionEnded,
     QuietLog,
@@ -78,8 +78,8 @@ from scp.acceptor import (
     receive_associate_rq,
     refuse,
 )
-from scp.command_set import encode_command_set
-from scp.fastpath import FastStoreConfig, FastStoreReceiver, ProtocolError, fast_path_allowed
+from ctdx.scp.command_set import encode_command_set
+from ctdx.scp.fastpath import FastStoreConfig, FastStoreReceiver, ProtocolError, fast_path_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ class EventDrivenDUL(DULServiceProvider):
         return int(announced) if announced else MAX_PDU_READ
 
     def _read_pdu_data(self) -> None:
-        """Read one PDU; C-STORE P-DATA-TF PDUs go to the fast path (:mod:`scp.fastpath`).
+        """Read one PDU; C-STORE P-DATA-TF PDUs go to the fast path (:mod:`ctdx.scp.fastpath`).
 
         A PDU of unknown type, or longer than :meth:`_ctdx_limit`, is Evt19 (A-ABORT)
         before anything of its body is read; after the listener has aborted (Sta13) such
@@ -494,7 +494,7 @@ class ConnectionLimits:
     ``max_associations`` counts associations from the moment their A-ASSOCIATE-RQ has
     been received in full until they end; connections still sending their request
     count against ``max_pending`` (per process) and ``max_pending_per_peer`` (per peer
-    address) instead, and last at most the ACSE time-out (:mod:`scp.acceptor`).
+    address) instead, and last at most the ACSE time-out (:mod:`ctdx.scp.acceptor`).
     """
 
     max_associations: int
@@ -574,7 +574,7 @@ def _released_by_event(event: Any, release: Callable[[], None]) -> None:
 
 
 class _RequestHandler(RequestHandler):
-    """One connection: its A-ASSOCIATE-RQ read and checked here (:mod:`scp.acceptor`), then
+    """One connection: its A-ASSOCIATE-RQ read and checked here (:mod:`ctdx.scp.acceptor`), then
     handed to pynetdicom as if its DUL had read it."""
 
     server: ListenerServer

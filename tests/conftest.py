@@ -20,8 +20,8 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from db import migrate
-from db.session import make_engine
+from ctdx.db import migrate
+from ctdx.db.session import make_engine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CTDX_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from db.settings import Settings, load_settings
+from ctdx.db.settings import Settings, load_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -11,11 +11,11 @@ Broker URLs:
   ``<data_dir>/queue``; needs no server, works across processes on one machine.
 - ``memory://``: in-process only (tests).
 
-Signals (handlers import lazily; see ``worker.runtime``): logging is ours
-(``db.logs``, no PHI), the main process refuses a database that is not at the
+Signals (handlers import lazily; see ``ctdx.worker.runtime``): logging is ours
+(``ctdx.db.logs``, no PHI), the main process refuses a database that is not at the
 migrations' head, and each pool process loads the models once. The main
-process also serves the worker's metrics (``worker.metrics``) and, once the
-pool runs, reconciles from the database (``worker.reconcile``): its
+process also serves the worker's metrics (``ctdx.worker.metrics``) and, once the
+pool runs, reconciles from the database (``ctdx.worker.reconcile``): its
 heartbeat, study versions the broker lost, analyses without reports.
 """
 
@@ -27,15 +27,15 @@ from typing import Any
 
 from celery import Celery, signals
 
-from db.broker import (
+from ctdx.db.broker import (
     QUEUE,
     TASK_PROCESS_STUDY,
     broker_config,
     task_id_for,
     visibility_timeout,
 )
-from db.broker import make_celery as _make_celery
-from db.settings import Settings, load_settings
+from ctdx.db.broker import make_celery as _make_celery
+from ctdx.db.settings import Settings, load_settings
 
 __all__ = [
     "QUEUE",
@@ -49,8 +49,8 @@ __all__ = [
 
 
 def make_celery(settings: Settings) -> Celery:
-    """The workers' Celery app: the queue's configuration (``db.broker``) and our tasks."""
-    return _make_celery(settings, include=("worker.tasks",))
+    """The workers' Celery app: the queue's configuration (``ctdx.db.broker``) and our tasks."""
+    return _make_celery(settings, include=("ctdx.worker.tasks",))
 
 
 app = make_celery(load_settings())
@@ -58,7 +58,7 @@ app = make_celery(load_settings())
 
 def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     """Our handlers and format for ``celery -A worker.celery_app worker`` too."""
-    from db.logs import configure_logging
+    from ctdx.db.logs import configure_logging
 
     level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or "INFO")
     configure_logging(str(level).upper())
@@ -67,7 +67,7 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     """Main process, before the pool starts: check the database, remember the concurrency,
     serve the metrics (the pool processes inherit the metrics directory)."""
-    from worker import metrics, runtime
+    from ctdx.worker import metrics, runtime
 
     settings: Settings = app.conf.ctdx_settings
     runtime.on_worker_init(settings, concurrency=getattr(sender, "concurrency", None))
@@ -76,8 +76,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 def _on_worker_process_init(**_: Any) -> None:
     """Each pool process (prefork child, or the solo worker): load the models once."""
-    from worker import metrics, runtime
-    from worker.errors import WorkerNotReady
+    from ctdx.worker import metrics, runtime
+    from ctdx.worker.errors import WorkerNotReady
 
     settings: Settings = app.conf.ctdx_settings
     runtime.on_process_init(settings)
@@ -88,7 +88,7 @@ def _on_worker_process_init(**_: Any) -> None:
 
 
 def _on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
-    from db.metrics import process_exited
+    from ctdx.db.metrics import process_exited
 
     process_exited(pid or os.getpid())
 
@@ -97,8 +97,8 @@ _reconciler: list[Any] = []  # (WorkerReconciler, its thread) of this main proce
 
 
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    """Main process, pool running: reconcile from the database (``worker.reconcile``)."""
-    from worker.reconcile import WorkerReconciler
+    """Main process, pool running: reconcile from the database (``ctdx.worker.reconcile``)."""
+    from ctdx.worker.reconcile import WorkerReconciler
 
     settings: Settings = app.conf.ctdx_settings
     consumed = list(getattr(getattr(sender, "app", app).amqp.queues, "consume_from", None) or [])

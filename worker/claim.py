@@ -7,7 +7,7 @@ and, later, the result. A task
   racing workers exactly one gets the row) and analyses;
 - finds a finished row (``analysed`` or ``failed``): does nothing;
 - finds a ``running`` row held by a live worker: does nothing now
-  (:attr:`ClaimStatus.BUSY`; the task re-checks later, see ``worker.tasks``);
+  (:attr:`ClaimStatus.BUSY`; the task re-checks later, see ``ctdx.worker.tasks``);
 - finds a ``running`` row whose holder is gone takes it over with a
   compare-and-swap ``UPDATE ... WHERE worker = :old AND attempts = :n``: the
   row changes hands exactly once however many workers try at the same time,
@@ -40,8 +40,8 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import Analysis, AnalysisState, StudyVersion, VersionState, utcnow
-from db.session import session_scope
+from ctdx.db.models import Analysis, AnalysisState, StudyVersion, VersionState, utcnow
+from ctdx.db.session import session_scope
 
 logger = logging.getLogger(__name__)
 

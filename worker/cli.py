@@ -4,7 +4,7 @@ Equivalent to ``celery -A worker.celery_app worker -Q ctdx`` (which works too),
 with checks first so a misconfigured worker stops with one clear line instead
 of failing every study: the database must be at the migrations' head and the
 recognition checkpoint must load. The main process also runs the report
-export delivery loop (``worker.report.delivery.DeliveryLoop``) in a daemon
+export delivery loop (``ctdx.worker.report.delivery.DeliveryLoop``) in a daemon
 thread, so PACS deliveries are retried while workers run.
 """
 
@@ -15,10 +15,10 @@ import threading
 
 import typer
 
-from db.cli_common import EXIT_USAGE, UserError, open_database
-from db.session import make_engine
-from db.settings import Settings, load_settings
-from worker import housekeeping
+from ctdx.db.cli.common import EXIT_USAGE, UserError, open_database
+from ctdx.db.session import make_engine
+from ctdx.db.settings import Settings, load_settings
+from ctdx.worker import housekeeping
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def check_ready(settings: Settings) -> None:
         raise UserError(
             "no recognition model: set CTDX_MODEL to a checkpoint (ctdx train export)", EXIT_USAGE
         )
-    from model_train.method.checkpoint import CheckpointError, load_checkpoint
+    from ctdx.model_train.method.checkpoint import CheckpointError, load_checkpoint
 
     for path, task in ((settings.model, "recognition"),
                        (settings.manifestation_model, "manifestation")):
@@ -52,7 +52,7 @@ def check_ready(settings: Settings) -> None:
 
 def start_export_delivery(settings: Settings) -> threading.Event:
     """Run the export delivery loop in a daemon thread of this (main) process."""
-    from worker.report.delivery import DeliveryLoop
+    from ctdx.worker.report.delivery import DeliveryLoop
 
     stop = threading.Event()
     loop = DeliveryLoop(make_engine(settings.resolved_database_url), settings)
@@ -86,7 +86,7 @@ def worker_command(
     ),
 ) -> None:
     """Analyse studies from the queue (a Celery worker); Ctrl-C finishes the running study."""
-    from db.logs import configure_logging
+    from ctdx.db.logs import configure_logging
 
     if pool not in POOLS:
         raise UserError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}", EXIT_USAGE)
@@ -96,7 +96,7 @@ def worker_command(
     stop = start_export_delivery(settings) if export_delivery else None
     housekeeping.start(settings)  # spool pruning and alert delivery (daemon threads)
 
-    from worker.celery_app import app as celery_app
+    from ctdx.worker.celery_app import app as celery_app
 
     # workers coordinate through the database, not by broadcast: no gossip, no mingle
     argv = ["worker", "-Q", queues, "--concurrency", str(concurrency), "--pool", pool,

@@ -4,7 +4,7 @@ One process tree, wired like production but with embedded defaults:
 
 1. a fresh data dir with a SQLite database (``ctdx db upgrade``);
 2. a stand-in PACS: a pynetdicom storage SCP that keeps what it receives;
-3. the listener (``scp.server.ScpService``) with a short quiet period;
+3. the listener (``ctdx.scp.server.ScpService``) with a short quiet period;
 4. a worker: ``ctdx worker`` in a child process on the embedded broker
    (kombu's filesystem transport: no Redis);
 5. a CT study sent by real C-STORE: a synthetic chest phantom, or ``--input DIR``;
@@ -40,11 +40,11 @@ from rich.console import Console
 from rich.text import Text
 from rich.tree import Tree
 
-from db.settings import Settings, load_settings
+from ctdx.db.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from model_train.method.classes import Task
-    from model_train.progress import ProgressLines
+    from ctdx.model_train.method.classes import Task
+    from ctdx.model_train.progress import ProgressLines
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -217,7 +217,7 @@ def demo_models(settings: Settings, cache_dir: Path,
     if settings.model is not None:
         check_models(settings.model, settings.manifestation_model)
         return DemoModels(settings.model, settings.manifestation_model, synthetic=False)
-    from model_train.demo_model import ensure_demo_models
+    from ctdx.model_train.demo_model import ensure_demo_models
 
     paths = ensure_demo_models(cache_dir, progress=progress)
     return DemoModels(paths.recognition, paths.manifestation, synthetic=True)
@@ -226,7 +226,7 @@ def demo_models(settings: Settings, cache_dir: Path,
 def check_models(recognition: Path, manifestation: Path | None) -> None:
     """Raise :class:`RuntimeError` naming the setting when a configured checkpoint is missing
     or is not one the worker can load (checked on the meta device: no weights in memory)."""
-    from model_train.method.checkpoint import CheckpointError, load_checkpoint
+    from ctdx.model_train.method.checkpoint import CheckpointError, load_checkpoint
 
     checks: list[tuple[str, Path, Task]] = [("CTDX_MODEL", recognition, "recognition")]
     if manifestation is not None:
@@ -239,7 +239,7 @@ def check_models(recognition: Path, manifestation: Path | None) -> None:
 
 
 def is_phantom(header: Any) -> bool:
-    """A series written by :mod:`model_train.phantom` (its Manufacturer says so)."""
+    """A series written by :mod:`ctdx.model_train.phantom` (its Manufacturer says so)."""
     return str(header.get("Manufacturer", "")) == PHANTOM_MANUFACTURER
 
 
@@ -264,7 +264,7 @@ def worker_process(settings: Settings, log_path: Path) -> Iterator[subprocess.Po
     env.update(settings_environment(settings))
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from db.cli import main; main()", "worker",
+        [sys.executable, "-c", "from ctdx.cli import main; main()", "worker",
          "--pool", "solo", "--concurrency", "1", "--loglevel", "WARNING",
          "--hostname", f"demo-{os.getpid()}@%h"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -316,10 +316,10 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from sqlalchemy import select
 
-    from db import migrate
-    from db.models import Analysis, Study, StudyVersion
-    from db.session import make_engine, session_scope
-    from scp.server import ScpService
+    from ctdx.db import migrate
+    from ctdx.db.models import Analysis, Study, StudyVersion
+    from ctdx.db.session import make_engine, session_scope
+    from ctdx.scp.server import ScpService
 
     started = time.monotonic()
     data_dir = data_dir.absolute()
@@ -357,7 +357,7 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
             return 2
         source = f"{len(paths)} DICOM files from {input_dir}"
     else:
-        from model_train.phantom import write_phantom_series
+        from ctdx.model_train.phantom import write_phantom_series
 
         with console.status("generating a synthetic chest CT phantom (COVID-19 pattern)…"):
             study = write_phantom_series(Path(tempfile.mkdtemp(dir=run_dir)), "covid19",
@@ -452,8 +452,10 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
     console.rule("[bold]SR received by the stand-in PACS")
     console.print(sr_tree(pydicom.dcmread(srs[0])))
     console.rule("[bold]ctdx results list")
-    from db.cli import app
+    from ctdx.db import cli as db_cli
 
+    app = typer.Typer()
+    db_cli.register(app)
     try:
         app(["results", "list", "--database-url", url, "--limit", "1"], standalone_mode=False)
     except SystemExit:
@@ -472,7 +474,7 @@ def run_demo(input_dir: Path | None, data_dir: Path, timeout: float) -> int:
 def prepare_models(base: Settings, cache_dir: Path) -> DemoModels:
     """:func:`demo_models`, with a progress line at least every 5 s while the demonstration
     model trains (plain lines: readable in a log and on a terminal alike)."""
-    from model_train.progress import ProgressLines
+    from ctdx.model_train.progress import ProgressLines
 
     if base.model is None:
         console.print("preparing the synthetic demonstration model (first run: trained)")
@@ -497,9 +499,9 @@ def demo_command(
     ] = 300.0,
 ) -> None:
     """Run the whole product on this machine: listener, worker, stand-in PACS; send a study."""
-    from db.cli_common import UserError
-    from db.logs import configure_logging
-    from model_train.cpu import passive_omp_threads
+    from ctdx.db.cli.common import UserError
+    from ctdx.db.logs import configure_logging
+    from ctdx.model_train.cpu import passive_omp_threads
 
     passive_omp_threads()
     configure_logging("WARNING")

@@ -1,6 +1,6 @@
 """The worker's domain exceptions.
 
-Two families, translated only at the task edge (``worker.tasks``):
+Two families, translated only at the task edge (``ctdx.worker.tasks``):
 
 - :class:`AnalysisError`: the study itself cannot be analysed (no usable CT
   series, undecodable pixel data). Permanent: the study version is marked
@@ -24,7 +24,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 logger = logging.getLogger(__name__)
 
 #: Errors that say nothing about the study: the database or broker was briefly unreachable.
-#: The task retries them with backoff (``worker.tasks``).
+#: The task retries them with backoff (``ctdx.worker.tasks``).
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     OperationalError,  # includes SQLite "database is locked" and PostgreSQL disconnects
     InterfaceError,

@@ -1,8 +1,8 @@
 """What ``ctdx worker``'s main process runs beside the export delivery for months unattended.
 
 Two daemon threads, each with its own engine: spool pruning
-(:class:`scp.retention.PruneLoop`, every ``CTDX_PRUNE_INTERVAL_SECONDS``;
-retention and emergency cleaning) and alert delivery (:class:`db.alerts.AlertLoop`,
+(:class:`ctdx.scp.retention.PruneLoop`, every ``CTDX_PRUNE_INTERVAL_SECONDS``;
+retention and emergency cleaning) and alert delivery (:class:`ctdx.db.alerts.AlertLoop`,
 when ``CTDX_ALERT_WEBHOOK_URLS`` is set). Every worker host may run them: claims
 in the database keep them from doing the same work twice.
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from db.alerts import AlertLoop
-from db.session import make_engine
-from db.settings import Settings
-from scp.retention import PruneLoop
+from ctdx.db.alerts import AlertLoop
+from ctdx.db.session import make_engine
+from ctdx.db.settings import Settings
+from ctdx.scp.retention import PruneLoop
 
 logger = logging.getLogger(__name__)
 

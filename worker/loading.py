@@ -54,9 +54,9 @@ from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import iter_pixels
 
-from model_train.method.hu import rescale_to_hu
-from worker.errors import InconsistentSeries, UndecodablePixelData
-from worker.study import InstanceRef
+from ctdx.model_train.method.hu import rescale_to_hu
+from ctdx.worker.errors import InconsistentSeries, UndecodablePixelData
+from ctdx.worker.study import InstanceRef
 
 logger = logging.getLogger(__name__)
 

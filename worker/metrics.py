@@ -1,6 +1,6 @@
 """A worker's Prometheus metrics (``CTDX_WORKER_METRICS_PORT``, default 9109; 0 = off).
 
-Counted in the pool processes (multiprocess mode, see :mod:`db.metrics`) and
+Counted in the pool processes (multiprocess mode, see :mod:`ctdx.db.metrics`) and
 served by the worker's main process: analyses by outcome, stage durations,
 the wait from a study's completion to its claim, the model and precision in
 use, versions published again by reconciliation. Read from the database at
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
-from db.models import utcnow
-from db.session import session_scope
-from db.settings import Settings
+from ctdx.db.models import utcnow
+from ctdx.db.session import session_scope
+from ctdx.db.settings import Settings
 
 if TYPE_CHECKING:
-    from worker.runtime import Models
+    from ctdx.worker.runtime import Models
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _database_families(settings: Settings) -> Any:
     def families(engine: Engine) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from db import health
+        from ctdx.db import health
 
         with session_scope(engine) as session:
             n = health.pipeline_numbers(session, settings, utcnow())
@@ -163,8 +163,8 @@ def start(settings: Settings) -> Any | None:
         return None
     from sqlalchemy.pool import NullPool
 
-    from db import metrics
-    from db.session import make_engine
+    from ctdx.db import metrics
+    from ctdx.db.session import make_engine
 
     metrics.prepare("worker")
     engine = make_engine(settings.resolved_database_url, poolclass=NullPool)

@@ -1,9 +1,9 @@
 """The paper's method over one ordered series, batch by batch: plain functions, no Celery.
 
 For each batch of ``settings.batch_size`` slices (decoded by
-:func:`worker.loading.iter_batches`):
+:func:`ctdx.worker.loading.iter_batches`):
 
-1. **segmentation** of the lungs (``model_train.method.segmentation_torch``,
+1. **segmentation** of the lungs (``ctdx.model_train.method.segmentation_torch``,
    batched, by default; the scikit-image reference with
    ``CTDX_SEGMENTATION_BACKEND=skimage``);
 2. slices whose lung covers less than ``settings.min_lung_fraction`` of the
@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,23 +36,19 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from db.settings import Settings
-from model_train.method.classes import MANIFESTATION_CLASSES, RECOGNITION_CLASSES
-from model_train.method.decision import StudyDecision, decide_study, summarise_manifestations
-from model_train.method.preprocess import preprocess_batch
-from worker.errors import AnalysisError
-from worker.loading import OrderedSeries, SliceBatch, iter_batches
-from worker.store import SliceRow, StudyResult
+from ctdx.db.settings import Settings
+from ctdx.model_train.method.classes import MANIFESTATION_CLASSES, RECOGNITION_CLASSES
+from ctdx.model_train.method.decision import StudyDecision, decide_study, summarise_manifestations
+from ctdx.model_train.method.preprocess import preprocess_batch
+from ctdx.worker.errors import AnalysisError
+from ctdx.worker.loading import OrderedSeries, SliceBatch, iter_batches
+from ctdx.worker.store import SliceRow, StudyResult
 
 if TYPE_CHECKING:
-    from worker.runtime import Models
-    from worker.series_selection import Selection
+    from ctdx.worker.runtime import Models
+    from ctdx.worker.series_selection import Selection
 
 logger = logging.getLogger(__name__)
-
-#: ``(N, H, W)`` float32 HU and the pixel spacing (mm) -> ``(N, H, W)`` bool lung masks.
-Segmenter = Callable[[torch.Tensor, float | None], torch.Tensor]
-
 
 class NoLungFound(AnalysisError):
     """Every slice was skipped: no slice shows enough lung to be classified."""
@@ -110,25 +106,6 @@ class SeriesAnalysis:
             device=self.device[:128],
         )
 
-
-def segmenter(backend: str, device: torch.device) -> Segmenter:
-    """The lung segmentation of ``backend``; masks come back on ``device``."""
-    if backend == "skimage":
-        from model_train.method.segmentation import segment_lungs
-
-        def reference(hu: torch.Tensor, spacing_mm: float | None) -> torch.Tensor:
-            masks = [segment_lungs(s, spacing_mm=spacing_mm) for s in hu.cpu().numpy()]
-            return torch.from_numpy(np.stack(masks)).to(device)
-
-        return reference
-    from model_train.method.segmentation_torch import segment_lungs_torch
-
-    def batched(hu: torch.Tensor, spacing_mm: float | None) -> torch.Tensor:
-        with torch.inference_mode():
-            masks: torch.Tensor = segment_lungs_torch(hu.to(device), spacing_mm=spacing_mm)
-        return masks
-
-    return batched
 
 
 def _slice_rows(batch: SliceBatch, fractions: NDArray[np.float64],

@@ -1,4 +1,4 @@
-"""The workers' reconciliation loop (the database part is ``db.reconcile``).
+"""The workers' reconciliation loop (the database part is ``ctdx.db.reconcile``).
 
 Each worker's main process runs a :class:`WorkerReconciler`: stalled or lost study versions
 are published again and reports that were never recorded are built, from the database.
@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import ServiceKind
-from db.reconcile import (
+from ctdx.db.models import ServiceKind
+from ctdx.db.reconcile import (
     BATCH,
     REASON_STALE_CLAIM,
     REASON_UNCLAIMED,
@@ -25,7 +25,7 @@ from db.reconcile import (
     republish_stalled,
     take_stalled,
 )
-from db.settings import Settings
+from ctdx.db.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ class WorkerReconciler:
     def __init__(self, settings: Settings, queue: str, detail: dict[str, Any] | None = None):
         from sqlalchemy.pool import NullPool
 
-        from db.broker import make_celery
-        from db.session import make_engine
+        from ctdx.db.broker import make_celery
+        from ctdx.db.session import make_engine
 
         self.settings = settings
         self.queue = queue
@@ -69,7 +69,7 @@ class WorkerReconciler:
     def send(self, study_version_id: int) -> None:
         from kombu.exceptions import KombuError
 
-        from db.broker import TASK_PROCESS_STUDY, task_id_for
+        from ctdx.db.broker import TASK_PROCESS_STUDY, task_id_for
 
         try:
             self.app.send_task(
@@ -82,7 +82,7 @@ class WorkerReconciler:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
 
     def run_once(self) -> None:
-        from worker.metrics import worker_metrics
+        from ctdx.worker.metrics import worker_metrics
 
         self.beat.beat()
         for item in republish_stalled(
@@ -90,7 +90,7 @@ class WorkerReconciler:
         ):
             if item.sent:
                 worker_metrics().republished.labels(reason=item.reason).inc()
-        from worker.report import publish_reports
+        from ctdx.worker.report import publish_reports
 
         recovered = publish_missing_reports(
             self.engine, self.settings, publish_reports, self._unbuildable

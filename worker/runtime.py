@@ -9,7 +9,7 @@ embedded mode) loads lazily on its first task. Either way a process loads its
 models once, never per task.
 
 The device is the GPU when ``CTDX_DEVICE=auto`` finds one (bf16, channels-last;
-see ``model_train.method.inference``), the CPU otherwise; it is reported with
+see ``ctdx.model_train.method.inference``), the CPU otherwise; it is reported with
 every analysis.
 """
 
@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from db.migrate import DatabaseNotReady, require_head
-from db.session import engine_for, make_engine
-from db.settings import Settings
-from worker.claim import ModelIdentity
-from worker.errors import WorkerNotReady
+from ctdx.db.migrate import DatabaseNotReady, require_head
+from ctdx.db.session import engine_for, make_engine
+from ctdx.db.settings import Settings
+from ctdx.worker.claim import ModelIdentity
+from ctdx.worker.errors import WorkerNotReady
 
 if TYPE_CHECKING:
-    from model_train.method.inference import SliceClassifier
-    from worker.pipeline import Segmenter
+    from ctdx.model_train.method.inference import SliceClassifier
+    from ctdx.worker.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +123,10 @@ def _load(settings: Settings) -> Models:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    from model_train.method.checkpoint import CheckpointError
-    from model_train.method.inference import SliceClassifier
-    from model_train.method.quantize import QuantizationError
-    from worker.pipeline import segmenter
+    from ctdx.model_train.method.checkpoint import CheckpointError
+    from ctdx.model_train.method.inference import SliceClassifier
+    from ctdx.model_train.method.quantize import QuantizationError
+    from ctdx.worker.segmenter import segmenter
 
     try:
         recognition = SliceClassifier.from_checkpoint(

@@ -5,7 +5,7 @@ Stages, each timed and passed or failed (the first failure ends the run):
 1. ``echo``: C-ECHO to the listener (``CTDX_HOST``/``CTDX_PORT``, or ``--host``/``--port``);
 2. ``stand-in PACS``: unless ``--to-pacs``, a storage SCP this command starts
    (on ``--report-host``, a free port) to receive the test study's reports;
-3. ``send``: a synthetic chest CT phantom (:mod:`model_train.phantom`) with
+3. ``send``: a synthetic chest CT phantom (:mod:`ctdx.model_train.phantom`) with
    Patient ID ``CTDX-SELFTEST`` and a new Study Instance UID, recorded in
    ``selftest_studies`` first with the destination of its reports, then sent
    by C-STORE inside an MPPS IN PROGRESS ... COMPLETED step (so the listener
@@ -16,9 +16,9 @@ Stages, each timed and passed or failed (the first failure ends the run):
    stand-in, the SR arrived there).
 
 The worker learns where a test study's reports go from ``selftest_studies``
-(:mod:`worker.report.routing`): the stand-in's ``AE@host:port``, or the
+(:mod:`ctdx.worker.report.routing`): the stand-in's ``AE@host:port``, or the
 configured PACS with ``--to-pacs``. Test studies are left out of
-``ctdx results stats`` and never alert (:mod:`db.selftest_studies`).
+``ctdx results stats`` and never alert (:mod:`ctdx.db.selftest_studies`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Annotated, Any
 
 import typer
 
-from db.settings import Settings, load_settings
+from ctdx.db.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class Observer:
     _engine: Any = None
 
     def __post_init__(self) -> None:
-        from db.session import make_engine
+        from ctdx.db.session import make_engine
 
         self._engine = make_engine(self.url)
 
@@ -239,8 +239,8 @@ class Observer:
     def snapshot(self) -> dict[str, Any]:
         from sqlalchemy import func, select
 
-        from db.models import Analysis, Export, Instance, Study, StudyVersion
-        from db.session import session_scope
+        from ctdx.db.models import Analysis, Export, Instance, Study, StudyVersion
+        from ctdx.db.session import session_scope
 
         with session_scope(self._engine) as s:
             version = s.execute(
@@ -321,9 +321,9 @@ def run_selftest(settings: Settings, *, host: str | None, port: int | None, to_p
                  report_host: str, timeout: float, slices: int, size: int,
                  on_stage: Callable[[Stage], None]) -> Run:
     """Run the stages in order; stop at the first that fails."""
-    from db import selftest_studies
-    from db.session import make_engine
-    from model_train.phantom import write_phantom_series
+    from ctdx.db import selftest_studies
+    from ctdx.db.session import make_engine
+    from ctdx.model_train.phantom import write_phantom_series
 
     run = Run(to_pacs=to_pacs)
     deadline = run.started + timeout
@@ -459,9 +459,9 @@ def selftest_command(
         "--format", "-f", help="table (for people) or json (for scripts).",
     )] = SelftestFormat.TABLE,
 ) -> None:
-    from db.cli_common import open_database
-    from db.cli_output import make_console, write_json
-    from db.logs import configure_logging
+    from ctdx.db.cli.common import open_database
+    from ctdx.db.cli.output import make_console, write_json
+    from ctdx.db.logs import configure_logging
 
     configure_logging("WARNING")
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # failures are our stages

@@ -41,9 +41,15 @@ from typing import Any, Literal
 
 from pydicom.uid import UID
 
-from worker.errors import NoUsableSeries
-from worker.loading import frame_count, functional_group, is_multiframe, read_header, slice_normal
-from worker.study import SeriesRef
+from ctdx.worker.errors import NoUsableSeries
+from ctdx.worker.loading import (
+    frame_count,
+    functional_group,
+    is_multiframe,
+    read_header,
+    slice_normal,
+)
+from ctdx.worker.study import SeriesRef
 
 logger = logging.getLogger(__name__)
 

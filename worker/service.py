@@ -1,8 +1,8 @@
 """One study version from claim to report: the worker's logic as a plain function.
 
 Reads like the diagram: claim -> select series -> order slices -> analyse
-(:mod:`worker.pipeline`) -> store -> publish reports. Celery is not needed to
-call it (the embedded mode and the tests call it directly); ``worker.tasks``
+(:mod:`ctdx.worker.pipeline`) -> store -> publish reports. Celery is not needed to
+call it (the embedded mode and the tests call it directly); ``ctdx.worker.tasks``
 only translates its outcome into broker actions.
 
 Errors:
@@ -29,20 +29,20 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import StudyVersion, utcnow
-from db.session import session_scope
-from db.settings import Settings
-from db.validation_db import StudyThreshold, study_threshold
-from worker import claim as claims
-from worker import metrics as worker_metrics
-from worker.errors import TRANSIENT_ERRORS, AnalysisError
-from worker.loading import order_series
-from worker.series_selection import Selection, load_rules, select_series
-from worker.store import ClaimLost, store_failure, store_results
-from worker.study import StudyVersionNotFound, load_study_version
+from ctdx.db.models import StudyVersion, utcnow
+from ctdx.db.session import session_scope
+from ctdx.db.settings import Settings
+from ctdx.db.validation_db import StudyThreshold, study_threshold
+from ctdx.worker import claim as claims
+from ctdx.worker import metrics as worker_metrics
+from ctdx.worker.errors import TRANSIENT_ERRORS, AnalysisError
+from ctdx.worker.loading import order_series
+from ctdx.worker.series_selection import Selection, load_rules, select_series
+from ctdx.worker.store import ClaimLost, store_failure, store_results
+from ctdx.worker.study import StudyVersionNotFound, load_study_version
 
 if TYPE_CHECKING:
-    from worker.runtime import Models
+    from ctdx.worker.runtime import Models
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _process_study_version(
             selection = select_series(study.series, load_rules(settings.series_rules))
             series = order_series(selection.series.instances)
             timings["selection_and_headers"] = round(time.perf_counter() - start, 4)
-            from worker.pipeline import analyse_series  # torch: not at import
+            from ctdx.worker.pipeline import analyse_series  # torch: not at import
 
             point = _threshold(engine, settings, models)
             analysed = analyse_series(
@@ -204,7 +204,7 @@ def _fail(
 def _publish(engine: Engine, analysis_id: int, settings: Settings) -> None:
     """Reports never fail an analysis: they are retried from their own outbox."""
     try:
-        from worker.report import publish_reports
+        from ctdx.worker.report import publish_reports
 
         publish_reports(engine, analysis_id, settings)
     except Exception:

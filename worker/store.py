@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import Engine, delete, insert, update
 from sqlalchemy.orm import Session
 
-from db.models import Analysis, AnalysisState, SliceResult, StudyVersion, VersionState, utcnow
-from db.session import session_scope
+from ctdx.db.models import Analysis, AnalysisState, SliceResult, StudyVersion, VersionState, utcnow
+from ctdx.db.session import session_scope
 
 logger = logging.getLogger(__name__)
 

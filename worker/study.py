@@ -4,7 +4,7 @@ A version's instances are every instance of the study received in this
 version or an earlier one: a late series (version 2) is analysed together
 with what came before, and the newest version is the one whose analysis a
 radiologist sees. Earlier versions whose files were pruned from the spool
-(``spool_prunes``, :mod:`scp.retention`) are left out: their files are gone.
+(``spool_prunes``, :mod:`ctdx.scp.retention`) are left out: their files are gone.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Series, SpoolPrune, Study, StudyVersion
+from ctdx.db.models import Instance, Series, SpoolPrune, Study, StudyVersion
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The Celery task ``ctdx.process_study``: thin, like a web view.
 
-It turns the outcome of :func:`worker.service.process_study_version` (plain,
+It turns the outcome of :func:`ctdx.worker.service.process_study_version` (plain,
 testable without Celery) into what the broker should do:
 
 - transient database or broker errors: retried with exponential backoff and
@@ -15,7 +15,7 @@ testable without Celery) into what the broker should do:
 - everything else (analysed, failed with a reason, already done): acked.
 
 Import-light: torch and the method load in the first task of each process (or
-in ``worker_process_init``, see ``worker.celery_app``), not at import.
+in ``worker_process_init``, see ``ctdx.worker.celery_app``), not at import.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 
 from celery import Task
 
-from db import alerts
-from db.settings import Settings
-from worker.celery_app import TASK_PROCESS_STUDY, app
-from worker.errors import TRANSIENT_ERRORS, WorkerNotReady
+from ctdx.db import alerts
+from ctdx.db.settings import Settings
+from ctdx.worker.celery_app import TASK_PROCESS_STUDY, app
+from ctdx.worker.errors import TRANSIENT_ERRORS, WorkerNotReady
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ NOT_READY_COUNTDOWN = 60
 
 
 def settings_of(task: Task) -> Settings:
-    """The settings the Celery app was built with (``worker.celery_app.make_celery``)."""
+    """The settings the Celery app was built with (``ctdx.worker.celery_app.make_celery``)."""
     settings = task.app.conf.ctdx_settings
     assert isinstance(settings, Settings)
     return settings
@@ -62,7 +62,7 @@ def busy_rechecks(settings: Settings) -> int:
 )
 def process_study(self: Task, study_version_id: int) -> dict[str, Any]:
     """Analyse one study version (idempotent); the id is ``study_versions.id``."""
-    from worker import runtime, service  # torch and the method: not at import
+    from ctdx.worker import runtime, service  # torch and the method: not at import
 
     settings = settings_of(self)
     try:

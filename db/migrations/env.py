@@ -1,11 +1,11 @@
-"""Alembic environment: URL from the Config (set by db.migrate), metadata from db.models."""
+"""Alembic environment: URL from the Config (set by db.migrate), metadata from ctdx.db.models."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from db.models import Base
-from db.session import make_engine
+from ctdx.db.models import Base
+from ctdx.db.session import make_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,9 +1,9 @@
 """All ORM models; importing this registers every table on ``Base.metadata``."""
 
-from db.models.audit import AuditEntry
-from db.models.base import Base, utcnow
-from db.models.exports import Export, ExportState
-from db.models.housekeeping import (
+from ctdx.db.models.audit import AuditEntry
+from ctdx.db.models.base import Base, utcnow
+from ctdx.db.models.exports import Export, ExportState
+from ctdx.db.models.housekeeping import (
     Alert,
     AlertState,
     PruneState,
@@ -11,7 +11,7 @@ from db.models.housekeeping import (
     SelftestStudy,
     SpoolPrune,
 )
-from db.models.listener import (
+from ctdx.db.models.listener import (
     Instance,
     OutboxEntry,
     PerformedProcedureStep,
@@ -21,11 +21,12 @@ from db.models.listener import (
     StudyVersion,
     VersionState,
 )
-from db.models.operating_points import OperatingPoint
-from db.models.operations import ServiceHeartbeat, ServiceKind
-from db.models.results import Analysis, AnalysisState, SliceResult
+from ctdx.db.models.operating_points import OperatingPoint
+from ctdx.db.models.operations import ServiceHeartbeat, ServiceKind
+from ctdx.db.models.results import STUDY_DECISIONS, Analysis, AnalysisState, SliceResult
 
 __all__ = [
+    "STUDY_DECISIONS",
     "Alert",
     "AlertState",
     "Analysis",

@@ -1,6 +1,6 @@
 """Operator actions (migration 0004): who did what, when.
 
-Written by :mod:`db.operations` in the same transaction as the action itself.
+Written by :mod:`ctdx.db.operations` in the same transaction as the action itself.
 ``detail`` is a JSON object with the state before the action (e.g. an export's
 attempts and last error, which the retry resets).
 """
@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.models.base import Base, UTCDateTime, utcnow
+from ctdx.db.models.base import Base, UTCDateTime, utcnow
 
 
 class AuditEntry(Base):

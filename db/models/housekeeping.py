@@ -7,7 +7,7 @@ listener and worker processes on several hosts never prune the same version
 twice, and ``ctdx studies requeue`` refuses a version that has one.
 
 ``alerts``: one row per webhook event and receiver URL, delivered by
-:mod:`db.alerts` with retries; claimed like the export outbox
+:mod:`ctdx.db.alerts` with retries; claimed like the export outbox
 (``claimed_by`` + lease in ``next_attempt_at``).
 
 ``report_prunes``: report objects ctdx wrote (SR, SC, KO under the data dir)
@@ -27,7 +27,7 @@ from enum import StrEnum
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.models.base import Base, UTCDateTime, utcnow
+from ctdx.db.models.base import Base, UTCDateTime, utcnow
 
 
 class PruneState(StrEnum):

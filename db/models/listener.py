@@ -8,7 +8,7 @@ from enum import StrEnum
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from db.models.base import Base, UTCDateTime, utcnow
+from ctdx.db.models.base import Base, UTCDateTime, utcnow
 
 
 class VersionState(StrEnum):

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import JSON, Float, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.models.base import Base, UTCDateTime, utcnow
+from ctdx.db.models.base import Base, UTCDateTime, utcnow
 
 
 class OperatingPoint(Base):

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import JSON, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from db.models.base import Base, UTCDateTime, utcnow
+from ctdx.db.models.base import Base, UTCDateTime, utcnow
 
 
 class ServiceKind(StrEnum):

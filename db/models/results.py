@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from db.models.base import Base, UTCDateTime, utcnow
+from ctdx.db.models.base import Base, UTCDateTime, utcnow
+
+#: The study calls the worker stores in ``Analysis.decision`` (the recognition classes of
+#: ``ctdx.model_train.method.classes``, in its order; tests/test_structure.py holds them equal).
+STUDY_DECISIONS: Final[tuple[str, ...]] = ("covid19", "other_pneumonia", "normal")
 
 
 class AnalysisState(StrEnum):

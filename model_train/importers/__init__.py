@@ -2,7 +2,7 @@
 
 Each importer returns validated :class:`~model_train.manifest.ManifestRow` tuples
 and never copies or converts images; conversion to Hounsfield units happens once,
-in :mod:`model_train.sources`, when the cache is built.
+in :mod:`ctdx.model_train.sources`, when the cache is built.
 
 - :func:`~model_train.importers.dicom_table.import_dicom_table`: DICOM files plus a
   per-file label table (the layout of COVID-CT-MD with ``slice_labels.csv``).
@@ -16,6 +16,6 @@ in :mod:`model_train.sources`, when the cache is built.
 
 from __future__ import annotations
 
-from model_train.importers.common import DEFAULT_CLASS_MAP, DataImportError, parse_class_map
+from ctdx.model_train.importers.common import DEFAULT_CLASS_MAP, DataImportError, parse_class_map
 
 __all__ = ["DEFAULT_CLASS_MAP", "DataImportError", "parse_class_map"]

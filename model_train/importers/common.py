@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from model_train.manifest import ManifestError
-from model_train.method.classes import RECOGNITION_CLASSES
+from ctdx.model_train.manifest import ManifestError
+from ctdx.model_train.method.classes import RECOGNITION_CLASSES
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pydicom
 
-from model_train.importers.common import DEFAULT_CLASS_MAP, DataImportError, map_class
-from model_train.manifest import ManifestRow, validate_rows
+from ctdx.model_train.importers.common import DEFAULT_CLASS_MAP, DataImportError, map_class
+from ctdx.model_train.manifest import ManifestRow, validate_rows
 
 logger = logging.getLogger(__name__)
 

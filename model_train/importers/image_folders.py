@@ -12,7 +12,7 @@ Accepted depths under ``root/<class folder>/``:
 Subject identifiers are used as they are: if two class folders share a patient
 folder name, they are the same subject (CC-CCII's patient ids are global).
 Images are 8-bit and windowed: rows get the assumed display window
-(``window``, default lung window -600/1500) so :mod:`model_train.sources` can map
+(``window``, default lung window -600/1500) so :mod:`ctdx.model_train.sources` can map
 grey values back to approximate Hounsfield units.
 """
 
@@ -22,8 +22,8 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from model_train.importers.common import DEFAULT_CLASS_MAP, DataImportError, map_class
-from model_train.manifest import IMAGE_SUFFIXES, ManifestRow, validate_rows
+from ctdx.model_train.importers.common import DEFAULT_CLASS_MAP, DataImportError, map_class
+from ctdx.model_train.manifest import IMAGE_SUFFIXES, ManifestRow, validate_rows
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model_train.importers.common import DataImportError
-from model_train.importers.image_folders import LUNG_WINDOW
-from model_train.manifest import ManifestRow, validate_rows
+from ctdx.model_train.importers.common import DataImportError
+from ctdx.model_train.importers.image_folders import LUNG_WINDOW
+from ctdx.model_train.manifest import ManifestRow, validate_rows
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import torch
 from pydicom.uid import generate_uid
 from torch import nn
 
-from model_train.method.classes import METHOD_VERSION, TASKS, Task, classes_for
-from model_train.method.networks import ARCHS, Arch, build_resnet
-from model_train.method.preprocess import PreprocessParams, PreprocessParamsError
-from model_train.method.quantize import Int8Report, QuantizationError
+from ctdx.model_train.method.classes import METHOD_VERSION, TASKS, Task, classes_for
+from ctdx.model_train.method.networks import ARCHS, Arch, build_resnet
+from ctdx.model_train.method.preprocess import PreprocessParams, PreprocessParamsError
+from ctdx.model_train.method.quantize import Int8Report, QuantizationError
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class CheckpointMeta:
 
 @dataclass(frozen=True)
 class Int8Weights:
-    """Optional int8 weights of a checkpoint (``model_train.method.quantize``)."""
+    """Optional int8 weights of a checkpoint (``ctdx.model_train.method.quantize``)."""
 
     state_dict: Mapping[str, Any]
     report: Int8Report

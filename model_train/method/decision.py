@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from model_train.method.classes import (
+from ctdx.model_train.method.classes import (
     MANIFESTATION_CLASSES,
     RECOGNITION_CLASSES,
     RecognitionClass,

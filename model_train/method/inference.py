@@ -16,7 +16,7 @@ Device and precision:
   otherwise times both on a small probe batch and keeps the faster. ``"fp32"`` /
   ``"bf16"`` force a choice.
 - On the CPU, a checkpoint exported with int8 weights (``ctdx train export --int8``,
-  calibrated and checked against fp32: ``model_train.method.quantize``) is served
+  calibrated and checked against fp32: ``ctdx.model_train.method.quantize``) is served
   in int8 by ``precision="auto"`` before any bf16 probe: ResNet50 12.3 ms/slice
   against 66 ms in fp32 on the AVX-512 VNNI VM. ``"int8"`` insists on it (and
   fails on a GPU or without int8 weights).
@@ -38,9 +38,9 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from model_train.method.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
-from model_train.method.classes import Task
-from model_train.method.quantize import Int8Report, load_int8
+from ctdx.model_train.method.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
+from ctdx.model_train.method.classes import Task
+from ctdx.model_train.method.quantize import Int8Report, load_int8
 
 logger = logging.getLogger(__name__)
 

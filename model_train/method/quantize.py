@@ -49,7 +49,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from model_train.method.networks import Arch, build_resnet
+from ctdx.model_train.method.networks import Arch, build_resnet
 
 #: PyTorch's quantised engine and default qconfig mapping used for every int8 model.
 BACKEND: Final = "x86"

@@ -1,6 +1,6 @@
 """Batched lung segmentation in torch: the reference algorithm for a whole study at once.
 
-Same steps, parameters and footprints as :mod:`model_train.method.segmentation`
+Same steps, parameters and footprints as :mod:`ctdx.model_train.method.segmentation`
 (read its docstring for how the paper was interpreted); the two agree to Dice
 >= 0.99 on real series (``tests/method/test_segmentation_agreement.py``; in
 practice the masks are identical up to ties between equally large objects).
@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 from scipy import ndimage as ndi
 from torch import Tensor
 
-from model_train.method.segmentation import (
+from ctdx.model_train.method.segmentation import (
     CROSS_2D,
     PixelParams,
     SegmentationParams,

@@ -17,9 +17,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner, Result
 
-from db import migrate
-from db.cli import app
-from db.session import make_engine, session_scope
+from ctdx.cli import app
+from ctdx.db import migrate
+from ctdx.db.session import make_engine, session_scope
 from tests.cli.factories import Scenario, build_scenario
 from tests.conftest import POSTGRES_ADMIN_URL, _postgres_available
 

@@ -16,7 +16,7 @@ from typing import Any
 from pydicom.uid import generate_uid
 from sqlalchemy.orm import Session
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     AnalysisState,
     Export,

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from rich.console import Console
 
-from db.cli_dates import BadDate, Bound, parse_instant, parse_period
-from db.cli_output import (
+from ctdx.db.cli.dates import BadDate, Bound, parse_instant, parse_period
+from ctdx.db.cli.output import (
     Column,
     csv_cell,
     fit_widths,

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from db.cli_views import EXPORT_FIELDS, PHI_FIELDS, STUDY_FIELDS
+from ctdx.db.cli.views import EXPORT_FIELDS, PHI_FIELDS, STUDY_FIELDS
 from tests.cli.conftest import Filled, ctdx
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "cli-json.md"
@@ -79,7 +79,7 @@ def test_audit_entry_fields_are_documented(scenario_db: Filled) -> None:
 
 
 def test_exit_codes_table_matches_the_code() -> None:
-    from db import cli_common
+    from ctdx.db.cli import common as cli_common
 
     text = DOC.read_text(encoding="utf-8")
     documented = {int(code) for code in re.findall(r"^\| (\d) \|", text, flags=re.MULTILINE)}

@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import text
 from typer.testing import Result
 
-from db import migrate
-from db.cli import app
-from db.session import make_engine
+from ctdx.cli import app
+from ctdx.db import migrate
+from ctdx.db.session import make_engine
 from tests.cli.conftest import Filled, fill, flat
 from tests.cli.conftest import ctdx as ctdx_80
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from db.cli_views import EXPORT_FIELDS
+from ctdx.db.cli.views import EXPORT_FIELDS
 from tests.cli.conftest import Filled, ctdx, flat
 
 

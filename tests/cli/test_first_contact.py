@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from db import migrate
-from db.cli_output import distinct_middle
-from db.logs import configure_logging
-from db.models import Study, VersionState
-from db.session import make_engine, session_scope
+from ctdx.db import migrate
+from ctdx.db.cli.output import distinct_middle
+from ctdx.db.logs import configure_logging
+from ctdx.db.models import Study, VersionState
+from ctdx.db.session import make_engine, session_scope
 from tests.cli.conftest import Filled, ctdx
 from tests.cli.factories import add_analysis, add_version
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     AuditEntry,
     Export,
@@ -20,9 +20,9 @@ from db.models import (
     StudyVersion,
     utcnow,
 )
-from db.operations import default_actor
-from db.session import make_engine, session_scope
-from db.settings import load_settings
+from ctdx.db.operations import default_actor
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import load_settings
 from tests.cli.conftest import Filled, ctdx, flat
 
 
@@ -213,7 +213,7 @@ class RecordingSender:
 def test_requeued_study_is_handed_to_the_queue_by_the_listeners_dispatcher(
     scenario_db: Filled, engine_of: Engine
 ) -> None:
-    from scp.outbox import OutboxDispatcher
+    from ctdx.scp.outbox import OutboxDispatcher
 
     uid = scenario_db.scenario.uids["failed"]
     sender = RecordingSender()
@@ -229,7 +229,7 @@ def test_requeued_study_is_handed_to_the_queue_by_the_listeners_dispatcher(
 def test_retried_export_is_claimed_by_the_report_sender(
     scenario_db: Filled, engine_of: Engine, tmp_path: Path
 ) -> None:
-    from worker.report.outbox import claim_due
+    from ctdx.worker.report.outbox import claim_due
 
     export_id = scenario_db.scenario.exports["dead"]
     settings = load_settings(data_dir=tmp_path)

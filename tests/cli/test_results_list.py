@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from db.cli_views import STUDY_FIELDS
+from ctdx.db.cli.views import STUDY_FIELDS
 from tests.cli.conftest import Filled, ctdx
 
 NEWEST_FIRST = ["requeued", "receiving", "dead", "covid", "pneumonia", "failed"]

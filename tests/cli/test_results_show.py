@@ -112,9 +112,9 @@ def test_unknown_study_exits_4(filled: Filled) -> None:
 def test_key_slices_of_an_enhanced_ct_name_their_frame(db_url: str) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from db import migrate
-    from db.models import VersionState
-    from db.session import make_engine, session_scope
+    from ctdx.db import migrate
+    from ctdx.db.models import VersionState
+    from ctdx.db.session import make_engine, session_scope
     from tests.cli.factories import add_analysis, add_series, add_study, add_version
 
     migrate.upgrade(db_url)

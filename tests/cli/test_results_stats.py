@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from db.cli_views import STATS_CSV_FIELDS
+from ctdx.db.cli.views import STATS_CSV_FIELDS
 from tests.cli.conftest import Filled, ctdx, flat
 
 FAILURE = "no usable CT series: no axial CT series with 20 slices or more"

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db import migrate
-from db.models import Alert, Export, Study
-from db.session import make_engine, session_scope
-from db.settings import Settings
+from ctdx.db import migrate
+from ctdx.db.models import Alert, Export, Study
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings
+from ctdx.worker.demo import settings_environment
 from tests.conftest import REPO_ROOT, free_port, wait_for
 from tests.worker.alert_receiver import Receiver
 from tests.worker.conftest import (  # noqa: F401  (fixtures)
@@ -33,9 +34,8 @@ from tests.worker.conftest import (  # noqa: F401  (fixtures)
     checkpoints,
     small_rules,
 )
-from worker.demo import settings_environment
 
-CTDX = [sys.executable, "-c", "from db.cli import main; main()"]
+CTDX = [sys.executable, "-c", "from ctdx.cli import main; main()"]
 STAGES = ["echo", "stand-in PACS", "send", "received", "analysed", "report delivered"]
 
 
@@ -179,7 +179,7 @@ def _documented(heading: str) -> list[str]:
 
 
 def test_json_fields_are_documented_in_order() -> None:
-    from worker.selftest import Run, Stage, run_json
+    from ctdx.worker.selftest import Run, Stage, run_json
 
     run = Run(stages=[Stage("echo", True, 0.1, "ok")])
     value = run_json(run)
@@ -190,8 +190,8 @@ def test_json_fields_are_documented_in_order() -> None:
 def test_test_studies_are_left_out_of_statistics_and_drift(sqlite_url: str) -> None:
     import uuid
 
-    from db.models import Analysis, StudyVersion, utcnow
-    from db.validation_db import PeriodUnit, drift
+    from ctdx.db.models import Analysis, StudyVersion, utcnow
+    from ctdx.db.validation_db import PeriodUnit, drift
     from tests.cli.conftest import ctdx as ctdx_in_process
 
     engine = make_engine(sqlite_url)

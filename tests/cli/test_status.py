@@ -20,8 +20,8 @@ import pytest
 from alembic import command
 from sqlalchemy import Engine
 
-from db import migrate
-from db.models import (
+from ctdx.db import migrate
+from ctdx.db.models import (
     Analysis,
     Export,
     OutboxEntry,
@@ -30,10 +30,10 @@ from db.models import (
     StudyVersion,
     utcnow,
 )
-from db.session import make_engine, session_scope
+from ctdx.db.session import make_engine, session_scope
+from ctdx.worker.reconcile import ServiceBeat
 from tests.cli.conftest import ctdx, flat
 from tests.conftest import free_port
-from worker.reconcile import ServiceBeat
 
 
 @pytest.fixture

@@ -21,8 +21,15 @@ from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from sqlalchemy import select
 
-from db.models import Analysis, AnalysisState, AuditEntry, OperatingPoint, SliceResult, VersionState
-from db.session import make_engine, session_scope
+from ctdx.db.models import (
+    Analysis,
+    AnalysisState,
+    AuditEntry,
+    OperatingPoint,
+    SliceResult,
+    VersionState,
+)
+from ctdx.db.session import make_engine, session_scope
 from tests.cli.conftest import ctdx, flat
 from tests.cli.factories import add_analysis, add_study, add_version, uid
 from tests.cli.test_docs import _fields
@@ -417,9 +424,9 @@ SLICES = 8
 def _checkpoint(path: Path, bias: float) -> Path:
     import torch
 
-    from model_train.method.checkpoint import CheckpointMeta, save_checkpoint
-    from model_train.method.networks import build_resnet
-    from model_train.method.preprocess import PreprocessParams
+    from ctdx.model_train.method.checkpoint import CheckpointMeta, save_checkpoint
+    from ctdx.model_train.method.networks import build_resnet
+    from ctdx.model_train.method.preprocess import PreprocessParams
 
     torch.manual_seed(0)
     net = build_resnet("resnet18")
@@ -474,10 +481,10 @@ def test_adopted_threshold_reaches_the_worker_and_the_sr(
 ) -> None:
     import logging
 
-    from model_train.phantom import write_phantom_series
+    from ctdx.model_train.phantom import write_phantom_series
+    from ctdx.worker import runtime, service
+    from ctdx.worker.report.publish import build_objects
     from tests.report.conftest import dciodvfy
-    from worker import runtime, service
-    from worker.report.publish import build_objects
 
     Checkpoints, analysis_settings = worker_conftest.Checkpoints, worker_conftest.analysis_settings
     engine = make_engine(db_url)
@@ -569,7 +576,7 @@ def test_adopted_threshold_reaches_the_worker_and_the_sr(
     assert not errors, errors
 
     # 4. CTDX_COVID_THRESHOLD set explicitly still wins, and the log says so
-    caplog.set_level(logging.WARNING, logger="db.validation_db")
+    caplog.set_level(logging.WARNING, logger="ctdx.db.validation_db")
     forced = analyse(settings_for(model, covid_threshold=0.05),
                      _compose(low + high, tmp_path / "forced", "forced"))
     assert forced.decision == "covid19" and forced.operating_point_id is None
@@ -591,7 +598,7 @@ def test_real_series_validated_with_the_data_sets_own_subject_table(
     P001 is analysed (a real series takes minutes on a loaded 2-core machine): the other two
     subjects are reported as missing.
     """
-    from worker import runtime, service
+    from ctdx.worker import runtime, service
 
     root = shared_data / "covid-ct-md"
     rules = tmp_path / "rules.toml"

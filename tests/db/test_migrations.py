@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from alembic import command
 
-from db import migrate
+from ctdx.db import migrate
 
 
 def test_upgrade_from_empty_reaches_head_and_matches_models(db_url: str) -> None:
@@ -25,7 +25,7 @@ def test_0005_keeps_existing_slice_results_and_adds_frame_numbers(db_url: str) -
     """A results database from before Enhanced CT upgrades in place: rows stay, frames fit."""
     import sqlalchemy as sa
 
-    from db.session import make_engine
+    from ctdx.db.session import make_engine
 
     cfg = migrate.alembic_config(db_url)
     command.downgrade(cfg, "0004")

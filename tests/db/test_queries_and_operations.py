@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import operations, queries
-from db.models import AuditEntry, Base, ExportState, StudyVersion
-from db.session import session_scope
+from ctdx.db import operations, queries
+from ctdx.db.models import AuditEntry, Base, ExportState, StudyVersion
+from ctdx.db.session import session_scope
 from tests.cli.factories import Scenario, build_scenario
 
 

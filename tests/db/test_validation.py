@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from db import validation as v
+from ctdx.db import validation as v
 
 # studies: truth (COVID-19 or not) and the share of slices called COVID-19, as k/n of a series
 studies = st.lists(

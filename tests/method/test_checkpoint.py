@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from model_train.method.checkpoint import (
+from ctdx.model_train.method.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     CheckpointMeta,
@@ -17,9 +17,13 @@ from model_train.method.checkpoint import (
     read_checkpoint_meta,
     save_checkpoint,
 )
-from model_train.method.classes import MANIFESTATION_CLASSES, METHOD_VERSION, RECOGNITION_CLASSES
-from model_train.method.networks import build_resnet
-from model_train.method.preprocess import PreprocessParams
+from ctdx.model_train.method.classes import (
+    MANIFESTATION_CLASSES,
+    METHOD_VERSION,
+    RECOGNITION_CLASSES,
+)
+from ctdx.model_train.method.networks import build_resnet
+from ctdx.model_train.method.preprocess import PreprocessParams
 
 Saved = tuple[Path, torch.nn.Module, CheckpointMeta]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model_train.method.decision import (
+from ctdx.model_train.method.decision import (
     NoAnalysedSlicesError,
     decide_study,
     summarise_manifestations,

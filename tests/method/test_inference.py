@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from model_train.method.checkpoint import CheckpointMeta, save_checkpoint
-from model_train.method.inference import SliceClassifier, cpu_has_native_bf16, resolve_device
-from model_train.method.networks import build_resnet
-from model_train.method.preprocess import PreprocessParams, preprocess_batch
-from model_train.phantom import PHANTOM_KINDS, phantom_slice
+from ctdx.model_train.method.checkpoint import CheckpointMeta, save_checkpoint
+from ctdx.model_train.method.inference import SliceClassifier, cpu_has_native_bf16, resolve_device
+from ctdx.model_train.method.networks import build_resnet
+from ctdx.model_train.method.preprocess import PreprocessParams, preprocess_batch
+from ctdx.model_train.phantom import PHANTOM_KINDS, phantom_slice
 
 PARAMS = PreprocessParams(size=64)  # small inputs keep the test fast; ResNets pool adaptively
 PER_KIND = 5

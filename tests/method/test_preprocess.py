@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_train.method.preprocess import (
+from ctdx.model_train.method.preprocess import (
     AugmentParams,
     PreprocessParams,
     PreprocessParamsError,
@@ -18,7 +18,7 @@ from model_train.method.preprocess import (
     to_network_input,
     train_augment,
 )
-from model_train.phantom import phantom_slice
+from ctdx.model_train.phantom import phantom_slice
 
 P = PreprocessParams()
 

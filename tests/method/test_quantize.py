@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from model_train.method.checkpoint import (
+from ctdx.model_train.method.checkpoint import (
     CheckpointError,
     Int8Weights,
     load_checkpoint,
     save_checkpoint,
 )
-from model_train.method.inference import SliceClassifier, cpu_has_native_bf16
-from model_train.method.quantize import (
+from ctdx.model_train.method.inference import SliceClassifier, cpu_has_native_bf16
+from ctdx.model_train.method.quantize import (
     Int8Report,
     QuantizationError,
     compare,
@@ -138,7 +138,7 @@ def test_a_network_that_int8_cannot_follow_is_caught(
     model = nn.Sequential(features, head).eval()
     with torch.no_grad():
         assert len(set(model(x).argmax(1).tolist())) == 3  # fp32 tells the kinds apart
-    from model_train.method.quantize import quantize_int8
+    from ctdx.model_train.method.quantize import quantize_int8
 
     int8 = quantize_int8(model, [x], PARAMS.size)
     n, agreement, worst = compare(model, int8, [x])

@@ -11,8 +11,8 @@ from numpy.typing import NDArray
 from scipy import ndimage as ndi
 from skimage import morphology
 
-from model_train.method.segmentation import SegmentationParams, pixel_params, segment_lungs
-from model_train.method.segmentation_torch import (
+from ctdx.model_train.method.segmentation import SegmentationParams, pixel_params, segment_lungs
+from ctdx.model_train.method.segmentation_torch import (
     dilate,
     erode,
     label_torch,
@@ -20,7 +20,7 @@ from model_train.method.segmentation_torch import (
     segment_lungs_torch,
     unpack,
 )
-from model_train.phantom import PhantomKind, phantom_slice
+from ctdx.model_train.phantom import PhantomKind, phantom_slice
 
 PHANTOM_CASES: list[tuple[PhantomKind, float]] = [
     ("covid19", 0.4), ("normal", 0.05), ("other_pneumonia", 0.6), ("normal", 0.9),

@@ -16,9 +16,9 @@ import pytest
 import torch
 from numpy.typing import NDArray
 
-from model_train.method.segmentation import segment_lungs
-from model_train.method.segmentation_torch import segment_lungs_torch
-from model_train.phantom import phantom_volume
+from ctdx.model_train.method.segmentation import segment_lungs
+from ctdx.model_train.method.segmentation_torch import segment_lungs_torch
+from ctdx.model_train.phantom import phantom_volume
 
 STEP = 5
 MIN_DICE = 0.99

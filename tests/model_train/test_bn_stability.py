@@ -1,4 +1,4 @@
-"""Batch-norm statistics right in eval mode when training from scratch (``model_train.bn``).
+"""Batch-norm statistics right in eval mode when training from scratch (``ctdx.model_train.bn``).
 
 An unpretrained ResNet18 on six synthetic phantom subjects (all in train), three epochs
 at the smoke config's high learning rate, small batches: the case of issue 20, where the
@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_train.bn import recalibrate_bn, sample_indices
-from model_train.config import NetworkSpec, load_config, with_overrides
-from model_train.data import ensure_cached, load_task_data, task_folds, task_manifest
-from model_train.importers.dicom_table import import_dicom_table
-from model_train.manifest import read_manifest, write_manifest
-from model_train.method.networks import build_resnet
-from model_train.method.preprocess import PreprocessParams, gray_from_uint8, to_network_input
-from model_train.synthetic import write_recognition_set
-from model_train.train import RunSpec, run_training, selection_score
+from ctdx.model_train.bn import recalibrate_bn, sample_indices
+from ctdx.model_train.config import NetworkSpec, load_config, with_overrides
+from ctdx.model_train.data import ensure_cached, load_task_data, task_folds, task_manifest
+from ctdx.model_train.importers.dicom_table import import_dicom_table
+from ctdx.model_train.manifest import read_manifest, write_manifest
+from ctdx.model_train.method.networks import build_resnet
+from ctdx.model_train.method.preprocess import PreprocessParams, gray_from_uint8, to_network_input
+from ctdx.model_train.synthetic import write_recognition_set
+from ctdx.model_train.train import RunSpec, run_training, selection_score
 
 
 def _gaps(history: Path) -> list[float]:

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_train.cache import build_cache, cache_root, entry_path, load_cached, slice_key
-from model_train.importers.medseg import import_medseg
-from model_train.method.preprocess import PreprocessParams, gray_to_uint8, normalise_batch
-from model_train.method.segmentation_torch import segment_lungs_torch
-from model_train.phantom import write_phantom_series
-from model_train.sources import SliceSource, dicom_slice, expand_rows
-from model_train.synthetic import write_manifestation_set
+from ctdx.model_train.cache import build_cache, cache_root, entry_path, load_cached, slice_key
+from ctdx.model_train.importers.medseg import import_medseg
+from ctdx.model_train.method.preprocess import PreprocessParams, gray_to_uint8, normalise_batch
+from ctdx.model_train.method.segmentation_torch import segment_lungs_torch
+from ctdx.model_train.phantom import write_phantom_series
+from ctdx.model_train.sources import SliceSource, dicom_slice, expand_rows
+from ctdx.model_train.synthetic import write_manifestation_set
 
 
 def test_cache_is_the_shared_preprocessing_and_resumes(tmp_path: Path) -> None:

@@ -12,8 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from model_train.method.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
-from model_train.method.networks import build_resnet
+from ctdx.model_train.method.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint_meta,
+)
+from ctdx.model_train.method.networks import build_resnet
 
 TORCH_ADVICE = ("weights_only", "file an issue", "PyTorch", "arbitrary code")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from model_train.config import (
+from ctdx.model_train.config import (
     ConfigError,
     NetworkSpec,
     config_from_dict,

@@ -1,6 +1,6 @@
 """The synthetic demonstration models: labelled as such, cached, and right on phantoms
 through the real worker path (segmentation, skipping, preprocessing, SliceClassifier,
-decide_study as ``worker.pipeline.analyse_series`` runs them)."""
+decide_study as ``ctdx.worker.pipeline.analyse_series`` runs them)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from db.settings import load_settings
-from model_train.demo_model import NAME_NOTICE, ensure_demo_models, write_demo_model
-from model_train.method.checkpoint import load_checkpoint, read_checkpoint_meta
-from model_train.phantom import PhantomKind, write_phantom_series
-from worker.loading import order_series
-from worker.pipeline import analyse_series
-from worker.runtime import Models, _load
-from worker.study import InstanceRef
+from ctdx.db.settings import load_settings
+from ctdx.model_train.demo_model import NAME_NOTICE, ensure_demo_models, write_demo_model
+from ctdx.model_train.method.checkpoint import load_checkpoint, read_checkpoint_meta
+from ctdx.model_train.phantom import PhantomKind, write_phantom_series
+from ctdx.worker.loading import order_series
+from ctdx.worker.pipeline import analyse_series
+from ctdx.worker.runtime import Models, _load
+from ctdx.worker.study import InstanceRef
 
 pytestmark = pytest.mark.slow
 

@@ -19,19 +19,19 @@ from PIL import Image
 from torchvision.models import resnet18
 from typer.testing import CliRunner
 
-from db.cli import app
-from model_train.config import Config, load_config, with_overrides
-from model_train.data import ensure_cached, load_task_data, study_manifest, task_folds
-from model_train.data import task_manifest as task_rows
-from model_train.export import choose_run
-from model_train.importers.dicom_table import import_dicom_table
-from model_train.importers.medseg import import_medseg
-from model_train.manifest import write_manifest
-from model_train.method.checkpoint import load_checkpoint
-from model_train.method.inference import SliceClassifier
-from model_train.method.preprocess import gray_from_uint8, to_network_input
-from model_train.synthetic import write_manifestation_set, write_recognition_set
-from model_train.train import RunSpec, load_train_checkpoint, run_training
+from ctdx.cli import app
+from ctdx.model_train.config import Config, load_config, with_overrides
+from ctdx.model_train.data import ensure_cached, load_task_data, study_manifest, task_folds
+from ctdx.model_train.data import task_manifest as task_rows
+from ctdx.model_train.export import choose_run
+from ctdx.model_train.importers.dicom_table import import_dicom_table
+from ctdx.model_train.importers.medseg import import_medseg
+from ctdx.model_train.manifest import write_manifest
+from ctdx.model_train.method.checkpoint import load_checkpoint
+from ctdx.model_train.method.inference import SliceClassifier
+from ctdx.model_train.method.preprocess import gray_from_uint8, to_network_input
+from ctdx.model_train.synthetic import write_manifestation_set, write_recognition_set
+from ctdx.model_train.train import RunSpec, load_train_checkpoint, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(autouse=True)
 def _no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI configures logging on stderr, which the CLI runner swaps and closes."""
-    monkeypatch.setattr("model_train.cli._configure_logging", lambda: None)
+    monkeypatch.setattr("ctdx.model_train.cli._configure_logging", lambda: None)
 
 
 @dataclass(frozen=True)

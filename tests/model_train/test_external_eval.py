@@ -15,16 +15,16 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from db.cli import app
-from model_train.importers.dicom_table import import_dicom_table
-from model_train.manifest import apply_slice_policy, read_manifest, write_manifest
-from model_train.method.checkpoint import read_checkpoint_meta
-from model_train.synthetic import write_recognition_set
+from ctdx.cli import app
+from ctdx.model_train.importers.dicom_table import import_dicom_table
+from ctdx.model_train.manifest import apply_slice_policy, read_manifest, write_manifest
+from ctdx.model_train.method.checkpoint import read_checkpoint_meta
+from ctdx.model_train.synthetic import write_recognition_set
 
 
 @pytest.fixture(autouse=True)
 def _no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("model_train.cli._configure_logging", lambda: None)
+    monkeypatch.setattr("ctdx.model_train.cli._configure_logging", lambda: None)
 
 
 def _manifest(root: Path, seed: int) -> Path:

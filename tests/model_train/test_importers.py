@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_train.importers.common import DataImportError, parse_class_map
-from model_train.importers.dicom_table import import_dicom_table, import_dicom_tree
-from model_train.importers.image_folders import import_image_folders
-from model_train.importers.medseg import dominant_manifestation, import_medseg
-from model_train.phantom import write_phantom_series
+from ctdx.model_train.importers.common import DataImportError, parse_class_map
+from ctdx.model_train.importers.dicom_table import import_dicom_table, import_dicom_tree
+from ctdx.model_train.importers.image_folders import import_image_folders
+from ctdx.model_train.importers.medseg import dominant_manifestation, import_medseg
+from ctdx.model_train.phantom import write_phantom_series
 
 
 def test_covid_ct_md_table(shared_data: Path) -> None:
@@ -109,10 +109,10 @@ def test_import_command_writes_a_readable_manifest(shared_data: Path, tmp_path: 
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from db.cli import app
-    from model_train.manifest import read_manifest
+    from ctdx.cli import app
+    from ctdx.model_train.manifest import read_manifest
 
-    monkeypatch.setattr("model_train.cli._configure_logging", lambda: None)
+    monkeypatch.setattr("ctdx.model_train.cli._configure_logging", lambda: None)
     out = tmp_path / "medseg.csv"
     result = CliRunner().invoke(app, ["train", "import", "medseg",
                                       str(shared_data / "medseg-covid19-ggo-consolidation"),

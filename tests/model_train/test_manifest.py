@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from model_train.manifest import (
+from ctdx.model_train.manifest import (
     COLUMNS,
     ManifestError,
     ManifestRow,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from model_train.metrics import (
+from ctdx.model_train.metrics import (
     StudyPredictions,
     class_metrics,
     confusion,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from model_train.progress import ProgressLines
+from ctdx.model_train.progress import ProgressLines
 from tests.conftest import wait_for
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from model_train.config import ConfigError, config_from_dict
-from model_train.importers.dicom_table import import_dicom_table
-from model_train.manifest import Manifest, apply_slice_policy
-from model_train.synthetic import write_recognition_set
+from ctdx.model_train.config import ConfigError, config_from_dict
+from ctdx.model_train.importers.dicom_table import import_dicom_table
+from ctdx.model_train.manifest import Manifest, apply_slice_policy
+from ctdx.model_train.synthetic import write_recognition_set
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_train.phantom import write_phantom_series
-from model_train.sources import SliceSource, SourceError, dicom_slice, image_hu, load_slice
-from worker.loading import decode_hu, order_series
-from worker.study import InstanceRef
+from ctdx.model_train.phantom import write_phantom_series
+from ctdx.model_train.sources import SliceSource, SourceError, dicom_slice, image_hu, load_slice
+from ctdx.worker.loading import decode_hu, order_series
+from ctdx.worker.study import InstanceRef
 
 
 def _worker_hu(path: Path) -> np.ndarray:

@@ -13,19 +13,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from db.cli import app
-from model_train.importers.dicom_table import import_dicom_table
-from model_train.manifest import read_manifest, write_manifest
-from model_train.method.checkpoint import load_checkpoint
-from model_train.split_file import folds_from_file, read_split_file
-from model_train.splits import SplitError, recognition_folds
-from model_train.synthetic import write_recognition_set
+from ctdx.cli import app
+from ctdx.model_train.importers.dicom_table import import_dicom_table
+from ctdx.model_train.manifest import read_manifest, write_manifest
+from ctdx.model_train.method.checkpoint import load_checkpoint
+from ctdx.model_train.split_file import folds_from_file, read_split_file
+from ctdx.model_train.splits import SplitError, recognition_folds
+from ctdx.model_train.synthetic import write_recognition_set
 
 
 @pytest.fixture(autouse=True)
 def _no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI configures logging on stderr, which the CLI runner swaps and closes."""
-    monkeypatch.setattr("model_train.cli._configure_logging", lambda: None)
+    monkeypatch.setattr("ctdx.model_train.cli._configure_logging", lambda: None)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from model_train.manifest import ManifestRow, validate_rows
-from model_train.splits import (
+from ctdx.model_train.manifest import ManifestRow, validate_rows
+from ctdx.model_train.splits import (
     SplitError,
     adjacent_overlap,
     make_folds,

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from db.cli import app
-from model_train.manifest import read_manifest
+from ctdx.cli import app
+from ctdx.model_train.manifest import read_manifest
 
 
 @pytest.fixture(autouse=True)
 def _no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("model_train.cli._configure_logging", lambda: None)
+    monkeypatch.setattr("ctdx.model_train.cli._configure_logging", lambda: None)
 
 
 def test_writes_both_sets_and_their_manifests(tmp_path: Path,

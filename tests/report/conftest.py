@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import Engine, select
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     AnalysisState,
     Instance,
@@ -32,9 +32,9 @@ from db.models import (
     VersionState,
     utcnow,
 )
-from db.session import make_engine, session_scope
-from db.settings import Settings, load_settings
-from model_train.phantom import PhantomKind, phantom_labels, write_phantom_series
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings, load_settings
+from ctdx.model_train.phantom import PhantomKind, phantom_labels, write_phantom_series
 from tests.conftest import free_port, require_tool, wait_for
 
 MODEL_UID = "1.2.826.0.1.3680043.8.498.1234567890.1"

@@ -2,7 +2,7 @@
 
 Every case of :mod:`tests.report.corpus` (files nobody here wrote, and the
 edits real series come with) is sent by C-STORE to the listener
-(``scp.server.ScpService`` in this process), analysed by a real ``ctdx
+(``ctdx.scp.server.ScpService`` in this process), analysed by a real ``ctdx
 worker`` subprocess (embedded broker, SQLite, the small random-weight test
 checkpoints, ``sr,sc,ko``) and its report objects delivered to dcmtk's
 ``storescp``. Each case must end one of two ways:
@@ -36,12 +36,12 @@ from pynetdicom import AE
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from db import migrate
-from db.cli import app
-from db.models import Analysis, Export, Study, StudyVersion
-from db.session import make_engine, session_scope
-from scp.outbox import CelerySender
-from scp.server import ScpService
+from ctdx.cli import app
+from ctdx.db import migrate
+from ctdx.db.models import Analysis, Export, Study, StudyVersion
+from ctdx.db.session import make_engine, session_scope
+from ctdx.scp.outbox import CelerySender
+from ctdx.scp.server import ScpService
 from tests.conftest import REPO_ROOT, SHARED_DATA, free_port, require_tool, wait_for
 from tests.report.conftest import StoreSCP
 from tests.report.corpus import Case, build_cases, ct_small, for_empty, make_series

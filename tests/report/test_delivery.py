@@ -15,9 +15,17 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Comprehensive3DSRStorage  # type: ignore[attr-defined]
 from sqlalchemy import Engine, insert, select
 
-from db.models import Export, ExportState, utcnow
-from db.operations import retry_export
-from db.session import make_engine, session_scope
+from ctdx.db.models import Export, ExportState, utcnow
+from ctdx.db.operations import retry_export
+from ctdx.db.session import make_engine, session_scope
+from ctdx.worker.report import DeliveryLoop, deliver_due, publish_reports
+from ctdx.worker.report.outbox import (
+    Destination,
+    ExportView,
+    StoredObject,
+    list_exports,
+    record_exports,
+)
 from tests.conftest import free_port, wait_for
 from tests.report.conftest import (
     AnalysedStudy,
@@ -25,14 +33,6 @@ from tests.report.conftest import (
     add_analysis,
     dsrdump,
     settings_for,
-)
-from worker.report import DeliveryLoop, deliver_due, publish_reports
-from worker.report.outbox import (
-    Destination,
-    ExportView,
-    StoredObject,
-    list_exports,
-    record_exports,
 )
 
 

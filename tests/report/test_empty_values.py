@@ -28,18 +28,18 @@ from pydicom import Dataset
 from sqlalchemy import Engine, select
 from typer.testing import CliRunner
 
-from db.cli import app
-from db.models import Analysis, Export
-from db.session import session_scope
-from model_train.phantom import phantom_labels, write_phantom_series
+from ctdx.cli import app
+from ctdx.db.models import Analysis, Export
+from ctdx.db.session import session_scope
+from ctdx.model_train.phantom import phantom_labels, write_phantom_series
+from ctdx.worker.report import publish, publish_reports
+from ctdx.worker.report.inputs import load_report_input
+from ctdx.worker.report.publish import build_objects
+from ctdx.worker.report.sr import SrSources, build_sr
+from ctdx.worker.report.validation import check_object
 from tests.conftest import require_tool, wait_for
 from tests.report.conftest import StoreSCP, dciodvfy, dsrdump, record_analysis, settings_for
 from tests.report.test_sr import JUSTIFIED_WARNINGS
-from worker.report import publish, publish_reports
-from worker.report.inputs import load_report_input
-from worker.report.publish import build_objects
-from worker.report.sr import SrSources, build_sr
-from worker.report.validation import check_object
 
 Edit = Callable[[Dataset], None]
 

@@ -17,12 +17,12 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import Engine
 
-from db.session import session_scope
-from model_train.phantom import phantom_labels, write_enhanced_phantom
+from ctdx.db.session import session_scope
+from ctdx.model_train.phantom import phantom_labels, write_enhanced_phantom
+from ctdx.worker.report.inputs import load_report_input
+from ctdx.worker.report.summary import result_lines
 from tests.report.conftest import AnalysedStudy, add_analysis, dciodvfy, dsrdump, record_analysis
 from tests.report.test_sr import JUSTIFIED_WARNINGS, build
-from worker.report.inputs import load_report_input
-from worker.report.summary import result_lines
 
 N, SIZE = 12, 64
 ORDER = list(range(N))

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from sqlalchemy import Engine
 
-from model_train.demo_model import MANIFESTATION_NAME, RECOGNITION_NAME
+from ctdx.model_train.demo_model import MANIFESTATION_NAME, RECOGNITION_NAME
 from tests.report.conftest import add_analysis
 from tests.report.test_sr import build
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
-from db.models import Export, utcnow
-from db.session import make_engine, session_scope
-from tests.report.conftest import AnalysedStudy, add_analysis, settings_for
-from worker.report import DeliveryLoop, publish_reports
-from worker.report.outbox import (
+from ctdx.db.models import Export, utcnow
+from ctdx.db.session import make_engine, session_scope
+from ctdx.worker.report import DeliveryLoop, publish_reports
+from ctdx.worker.report.outbox import (
     Destination,
     StoredObject,
     backoff_seconds,
@@ -23,6 +22,7 @@ from worker.report.outbox import (
     record_delivered,
     record_exports,
 )
+from tests.report.conftest import AnalysedStudy, add_analysis, settings_for
 
 
 def test_backoff_doubles_up_to_the_cap_and_spans_hours(tmp_path: Path) -> None:

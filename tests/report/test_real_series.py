@@ -17,12 +17,12 @@ import pytest
 from pydicom.config import settings as pydicom_settings
 from sqlalchemy import Engine
 
-from db.session import session_scope
+from ctdx.db.session import session_scope
+from ctdx.worker.report import publish_reports
+from ctdx.worker.report.outbox import list_exports
 from tests.conftest import wait_for
 from tests.report.conftest import StoreSCP, dciodvfy, dsrdump, record_analysis, settings_for
 from tests.report.test_sr import JUSTIFIED_WARNINGS
-from worker.report import publish_reports
-from worker.report.outbox import list_exports
 
 
 @pytest.mark.dcmtk

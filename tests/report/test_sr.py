@@ -13,8 +13,12 @@ from pydicom.config import settings as pydicom_settings
 from pydicom.uid import Comprehensive3DSRStorage
 from sqlalchemy import Engine, update
 
-from db.models import Analysis, AnalysisState
-from db.session import session_scope
+from ctdx.db.models import Analysis, AnalysisState
+from ctdx.db.session import session_scope
+from ctdx.worker.report import AnalysisNotReportable, SourceImageMissing, codes
+from ctdx.worker.report.outbox import StoredObject
+from ctdx.worker.report.publish import build_objects
+from ctdx.worker.report.uids import object_uids
 from tests.report.conftest import (
     MODEL_UID,
     AnalysedStudy,
@@ -23,10 +27,6 @@ from tests.report.conftest import (
     dsrdump,
     settings_for,
 )
-from worker.report import AnalysisNotReportable, SourceImageMissing, codes
-from worker.report.outbox import StoredObject
-from worker.report.publish import build_objects
-from worker.report.uids import object_uids
 
 #: dciodvfy warnings that are expected, with the reason (also in docs/sr-content.md).
 JUSTIFIED_WARNINGS = {

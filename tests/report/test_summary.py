@@ -10,11 +10,11 @@ import pytest
 from pydicom.uid import KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage
 from sqlalchemy import Engine
 
-from db.session import session_scope
+from ctdx.db.session import session_scope
+from ctdx.worker.report.inputs import load_report_input
+from ctdx.worker.report.summary import result_lines
 from tests.report.conftest import AnalysedStudy
 from tests.report.test_sr import build
-from worker.report.inputs import load_report_input
-from worker.report.summary import result_lines
 
 
 def test_key_object_selection_points_at_the_key_slices(
@@ -61,7 +61,7 @@ def test_summary_image_burns_in_the_result_but_no_patient_data(
 def test_summary_draws_the_lung_contour(
     report_engine: Engine, data_dir: Path, analysed: AnalysedStudy
 ) -> None:
-    pytest.importorskip("model_train.method.segmentation")
+    pytest.importorskip("ctdx.model_train.method.segmentation")
     sc = pydicom.dcmread(build(report_engine, data_dir, analysed.analysis_id, "sc")["sc"])
     image = sc.pixel_array[200:]  # below the text band
     green = (image[..., 1] > 150) & (image[..., 0] < 80) & (image[..., 2] < 80)

@@ -27,12 +27,12 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from db.models import Analysis, AnalysisState, Export
-from db.session import make_engine, session_scope
-from db.settings import Settings
-from model_train.phantom import write_phantom_series
-from scp.outbox import CelerySender
-from scp.server import ScpService
+from ctdx.db.models import Analysis, AnalysisState, Export
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings
+from ctdx.model_train.phantom import write_phantom_series
+from ctdx.scp.outbox import CelerySender
+from ctdx.scp.server import ScpService
 from tests.conftest import REPO_ROOT, free_port, require_tool, wait_for
 from tests.report.viewer_support import (
     Browser,

@@ -29,11 +29,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import Engine, func, select
 
-from db.models import Instance, OutboxEntry, StudyVersion
-from db.session import make_engine, session_scope
-from db.settings import Settings, load_settings
-from model_train.phantom import PhantomStudy, write_phantom_series
-from scp.server import ScpService
+from ctdx.db.models import Instance, OutboxEntry, StudyVersion
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings, load_settings
+from ctdx.model_train.phantom import PhantomStudy, write_phantom_series
+from ctdx.scp.server import ScpService
 from tests.conftest import free_port, wait_for
 
 WaitFor = Callable[..., object]
@@ -48,7 +48,7 @@ class RecordingSender:
         self._lock = threading.Lock()
 
     def send(self, study_version_id: int) -> None:
-        from scp.outbox import BrokerUnavailable
+        from ctdx.scp.outbox import BrokerUnavailable
 
         if self.down:
             raise BrokerUnavailable("test broker down")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from scp.outbox import CelerySender
+from ctdx.scp.outbox import CelerySender
 from tests.cli.conftest import ctdx
 from tests.conftest import free_port
 from tests.scp.conftest import Running, phantom, send_files, wait_for

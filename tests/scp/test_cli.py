@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from db.cli import app
-from db.models import Instance, ReceivingLease, StudyVersion, VersionState
-from db.session import make_engine, session_scope
+from ctdx.cli import app
+from ctdx.db.models import Instance, ReceivingLease, StudyVersion, VersionState
+from ctdx.db.session import make_engine, session_scope
 from tests.conftest import free_port, wait_for
 from tests.scp.conftest import (
     associate,
@@ -31,7 +31,7 @@ from tests.scp.conftest import (
     version_states,
 )
 
-CTDX = [sys.executable, "-c", "from db.cli import main; main()"]
+CTDX = [sys.executable, "-c", "from ctdx.cli import main; main()"]
 
 
 def test_refuses_a_database_that_is_not_at_head(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_several_processes_share_the_port_and_die_with_the_primary(
     with running(data_dir, sqlite_url, port, "--processes", "2", "--quiet-seconds", "1") as scp:
         wait_for(lambda: "listener process 2 of 2 running" in scp.text(), timeout=60,
                  message="second process up")
-        child_pid = int(re.search(r"INFO scp.server (\d+): listener process 2 of 2",
+        child_pid = int(re.search(r"INFO ctdx\.scp\.server (\d+): listener process 2 of 2",
                                   scp.text()).group(1))  # type: ignore[union-attr]
         results: list[list[int]] = []
         threads = [threading.Thread(target=lambda s=s: results.append(send_files(port, s.paths)))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from db import migrate
+from ctdx.db import migrate
 from tests.conftest import free_port, wait_for
 from tests.scp.conftest import Running, phantom, send_files
 

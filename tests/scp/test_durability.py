@@ -18,9 +18,9 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import Instance, StudyVersion, VersionState
-from db.session import make_engine, session_scope
-from scp.server import recover
+from ctdx.db.models import Instance, StudyVersion, VersionState
+from ctdx.db.session import make_engine, session_scope
+from ctdx.scp.server import recover
 from tests.conftest import free_port, wait_for
 from tests.scp.conftest import (
     Running,

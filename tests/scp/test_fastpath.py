@@ -29,10 +29,10 @@ from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from db import migrate
-from db.models import Instance
-from db.session import session_scope
-from scp.fastpath import (
+from ctdx.db import migrate
+from ctdx.db.models import Instance
+from ctdx.db.session import session_scope
+from ctdx.scp.fastpath import (
     StoreCommand,
     _encode_response,
     _pynetdicom_response_pdus,
@@ -41,7 +41,7 @@ from scp.fastpath import (
     parse_store_command,
     response_pdus,
 )
-from scp.status import Status, status_dataset
+from ctdx.scp.status import Status, status_dataset
 from tests.conftest import wait_for
 from tests.scp.conftest import (
     Running,
@@ -314,7 +314,7 @@ def test_a_write_failure_mid_data_set_is_answered_and_the_association_goes_on(
 def test_received_files_start_write_back_per_8_mib_not_per_fragment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from scp import receive
+    from ctdx.scp import receive
 
     calls: list[int] = []
     monkeypatch.setattr(receive, "_sync_file_range", lambda fd, *args: calls.append(fd))

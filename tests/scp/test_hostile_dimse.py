@@ -41,8 +41,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import select
 
-from db.models import Instance
-from db.session import session_scope
+from ctdx.db.models import Instance
+from ctdx.db.session import session_scope
 from tests.conftest import wait_for
 from tests.scp.conftest import Running, associate, chunked_send, phantom, status_of
 
@@ -423,7 +423,7 @@ def test_deflated_data_set_over_the_limit_is_refused(
     scp_sqlite: Running, tmp_path: Path, template: tuple[str, bytes],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from scp import deflate
+    from ctdx.scp import deflate
 
     monkeypatch.setattr(deflate, "MAX_INFLATED_BYTES", 1 << 20)
     uid, data_set = template
@@ -668,7 +668,7 @@ def test_inflating_streams_with_bounded_memory(tmp_path: Path) -> None:
     """A data set that inflates to 64 MiB is inflated to disk, never whole in memory."""
     import tracemalloc
 
-    from scp.deflate import inflated
+    from ctdx.scp.deflate import inflated
 
     meta_only = _with_file_meta(tmp_path / "meta.dcm", b"", "1.2.3",
                                 syntax=DeflatedExplicitVRLittleEndian).read_bytes()

@@ -25,12 +25,12 @@ from hypothesis import strategies as st
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from db import migrate
+from ctdx.db import migrate
 from tests.conftest import free_port, wait_for
 from tests.scp.conftest import Running, associate, phantom, send_files
 from tests.scp.test_tls import Pki, _client, pki  # noqa: F401 (pki: the fixture)
 
-CTDX = [sys.executable, "-c", "from db.cli import main; main()"]
+CTDX = [sys.executable, "-c", "from ctdx.cli import main; main()"]
 NETWORK_TIMEOUT = 6.0  # the listener's ACSE time-out is min(30 s, this)
 MAX_ASSOCIATIONS = 3
 PENDING_PER_PEER = 16  # connections still associating, per peer address
@@ -602,10 +602,10 @@ def test_refusals_before_association_are_logged_at_a_bounded_rate(
     """Thousands of bad connections must not become thousands of log lines."""
     import logging
 
-    from scp.acceptor import QuietLog
+    from ctdx.scp.acceptor import QuietLog
 
     quiet = QuietLog(burst=3, window=10.0)
-    caplog.set_level(logging.INFO, logger="scp.acceptor")
+    caplog.set_level(logging.INFO, logger="ctdx.scp.acceptor")
     for number in range(5):
         quiet(logging.WARNING, "refused %d", number)
     assert [r.getMessage() for r in caplog.records] == ["refused 0", "refused 1", "refused 2"]

@@ -17,10 +17,10 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from db.models import Export
-from db.session import make_engine, session_scope
-from db.settings import Settings
-from model_train.phantom import write_phantom_series
+from ctdx.db.models import Export
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings
+from ctdx.model_train.phantom import write_phantom_series
 from tests.conftest import free_port, require_tool, wait_for
 from tests.report.conftest import StoreSCP
 from tests.worker import conftest as worker_fixtures
@@ -148,7 +148,7 @@ def test_listener_and_worker_metrics_count_what_happened(
 def test_a_port_in_use_is_a_warning_not_a_failure(caplog: pytest.LogCaptureFixture) -> None:
     import socket
 
-    from db import metrics
+    from ctdx.db import metrics
 
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))
@@ -159,8 +159,8 @@ def test_a_port_in_use_is_a_warning_not_a_failure(caplog: pytest.LogCaptureFixtu
 
 
 def test_metrics_port_zero_serves_nothing(tmp_path: Path) -> None:
-    from scp import metrics as scp_metrics
-    from worker import metrics as worker_metrics
+    from ctdx.scp import metrics as scp_metrics
+    from ctdx.worker import metrics as worker_metrics
 
     settings = Settings(data_dir=tmp_path, metrics_port=0, worker_metrics_port=0)
     assert scp_metrics.start(settings) is None and worker_metrics.start(settings) is None
@@ -190,8 +190,8 @@ def test_dashboard_and_alert_rules_use_only_metrics_ctdx_serves() -> None:
 
 _FORKS = """
 import os, sys
-from db import metrics
-from scp.metrics import listener_metrics
+from ctdx.db import metrics
+from ctdx.scp.metrics import listener_metrics
 path = metrics.prepare("listener")
 print(path)
 pids = []
@@ -205,7 +205,7 @@ for n in range(3):
     os.waitpid(pid, 0)
     pids.append(pid)
 listener_metrics().open_associations.inc()
-from scp.metrics import process_exited
+from ctdx.scp.metrics import process_exited
 process_exited(pids[0])  # what the primary does when it restarts a dead listener process
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 registry = CollectorRegistry()

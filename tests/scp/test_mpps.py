@@ -13,8 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
-from db.models import VersionState
-from model_train.phantom import PhantomStudy
+from ctdx.db.models import VersionState
+from ctdx.model_train.phantom import PhantomStudy
 from tests.scp.conftest import Running, associate, chunked_send, phantom, status_of, wait_for
 
 

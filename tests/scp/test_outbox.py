@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import redis
 
-from db.models import VersionState
-from scp.outbox import CelerySender
+from ctdx.db.models import VersionState
+from ctdx.scp.outbox import CelerySender
+from ctdx.worker.celery_app import TASK_PROCESS_STUDY, task_id_for
 from tests.conftest import free_port, require_tool
 from tests.scp.conftest import (
     RecordingSender,
@@ -24,7 +25,6 @@ from tests.scp.conftest import (
     send_files,
     wait_for,
 )
-from worker.celery_app import TASK_PROCESS_STUDY, task_id_for
 
 
 def _messages(url: str, queue: str) -> list[dict[str, Any]]:

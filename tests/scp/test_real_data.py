@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import Instance, Study, VersionState
-from db.session import session_scope
+from ctdx.db.models import Instance, Study, VersionState
+from ctdx.db.session import session_scope
 from tests.conftest import require_tool
 from tests.scp.conftest import Running, wait_for
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select, update
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     Export,
     Instance,
@@ -33,13 +33,13 @@ from db.models import (
     StudyVersion,
     utcnow,
 )
-from db.session import session_scope
-from scp import retention
+from ctdx.db.session import session_scope
+from ctdx.scp import retention
 from tests.cli.test_docs import _fields
 from tests.conftest import REPO_ROOT, wait_for
 from tests.scp.conftest import Running, phantom, send_files
 
-CTDX = [sys.executable, "-c", "from db.cli import main; main()"]
+CTDX = [sys.executable, "-c", "from ctdx.cli import main; main()"]
 
 
 @dataclass(frozen=True)
@@ -331,7 +331,7 @@ def test_emergency_cleaning_never_touches_unfinished_studies(
 def test_a_late_series_after_pruning_is_analysed_without_the_pruned_files(
     scp: Running, tmp_path: Path
 ) -> None:
-    from worker.study import load_study_version
+    from ctdx.worker.study import load_study_version
 
     first = send_study(scp, tmp_path)
     finish(scp.engine, scp.settings.data_dir, first.uid)

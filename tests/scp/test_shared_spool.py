@@ -107,7 +107,7 @@ def test_a_second_listener_on_the_same_data_directory_leaves_transfers_alone(
 _OTHER_LISTENER = """
 import shutil, sys
 from pathlib import Path
-from scp.spool import Spool
+from ctdx.scp.spool import Spool
 spool = Spool(Path(sys.argv[1]))
 spool.prepare()
 received = spool.incoming / "rx-acknowledged.dcm"
@@ -125,10 +125,10 @@ def test_start_up_leaves_a_live_listeners_unrecorded_instances_to_it(
     receiving into the spool; while one is, only links old enough to belong to nobody."""
     import sys
 
-    from db.session import make_engine
-    from scp.recorder import reindex_unindexed
-    from scp.registry import RegistryCache
-    from scp.spool import Spool
+    from ctdx.db.session import make_engine
+    from ctdx.scp.recorder import reindex_unindexed
+    from ctdx.scp.registry import RegistryCache
+    from ctdx.scp.spool import Spool
 
     series = phantom(tmp_path, n_slices=1, size=32)
     uid = series.sop_instance_uids[0]

@@ -17,9 +17,9 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
-from db.models import Instance, Series, Study, VersionState
-from db.session import session_scope
-from model_train.phantom import phantom_datasets
+from ctdx.db.models import Instance, Series, Study, VersionState
+from ctdx.db.session import session_scope
+from ctdx.model_train.phantom import phantom_datasets
 from tests.scp.conftest import Running, associate, phantom, send_files, wait_for
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scp.transport import EventDrivenAssociation, EventDrivenDUL, ReceivingSocket
+from ctdx.scp.transport import EventDrivenAssociation, EventDrivenDUL, ReceivingSocket
 from tests.scp.conftest import Running, associate, wait_for
 
 
@@ -40,7 +40,7 @@ def test_command_set_encoder_matches_pydicom_for_what_the_listener_sends() -> No
     from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_CREATE, N_SET
     from pynetdicom.dsutils import encode
 
-    from scp.command_set import encode_command_set
+    from ctdx.scp.command_set import encode_command_set
 
     store = C_STORE()
     store.MessageIDBeingRespondedTo = 7
@@ -87,7 +87,7 @@ def test_command_set_encoder_matches_pydicom_for_what_the_listener_sends() -> No
 def test_command_set_encoder_declines_what_it_does_not_know() -> None:
     from pydicom import Dataset
 
-    from scp.command_set import encode_command_set
+    from ctdx.scp.command_set import encode_command_set
 
     not_a_command = Dataset()
     not_a_command.PatientID = "X"

@@ -14,14 +14,14 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from sqlalchemy import select
 
-from db.models import ReceivingLease, Study, StudyVersion, utcnow
-from db.session import make_engine, session_scope
-from scp.completion import complete_quiet, drop_dead_leases
-from scp.header_scan import HeaderError, scan_header
-from scp.instance import read_instance_header
-from scp.spool import Spool
-from scp.status import Rejected, Status
-from scp.uids import InvalidUid, validate_uid
+from ctdx.db.models import ReceivingLease, Study, StudyVersion, utcnow
+from ctdx.db.session import make_engine, session_scope
+from ctdx.scp.completion import complete_quiet, drop_dead_leases
+from ctdx.scp.header_scan import HeaderError, scan_header
+from ctdx.scp.instance import read_instance_header
+from ctdx.scp.spool import Spool
+from ctdx.scp.status import Rejected, Status
+from ctdx.scp.uids import InvalidUid, validate_uid
 from tests.scp.conftest import phantom
 
 

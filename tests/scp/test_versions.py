@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from db.models import VersionState
+from ctdx.db.models import VersionState
 from tests.scp.conftest import (
     Running,
     associate,

@@ -23,11 +23,11 @@ import pydicom
 import pytest
 from sqlalchemy import Engine, select
 
-from db.models import Instance, Series, Study, StudyVersion, VersionState
-from db.session import make_engine, session_scope
-from db.settings import Settings, load_settings
+from ctdx.db.models import Instance, Series, Study, StudyVersion, VersionState
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings, load_settings
+from ctdx.worker.study import InstanceRef
 from tests.conftest import REPO_ROOT
-from worker.study import InstanceRef
 
 
 @dataclass(frozen=True)
@@ -142,9 +142,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     """
     import torch
 
-    from model_train.method.checkpoint import CheckpointMeta, save_checkpoint
-    from model_train.method.networks import build_resnet
-    from model_train.method.preprocess import PreprocessParams
+    from ctdx.model_train.method.checkpoint import CheckpointMeta, save_checkpoint
+    from ctdx.model_train.method.networks import build_resnet
+    from ctdx.model_train.method.preprocess import PreprocessParams
 
     small = PreprocessParams(size=64)
 
@@ -230,7 +230,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     def _start(settings: Settings, queue: str, name: str, pool: str = "solo",
                command: list[str] | None = None) -> WorkerProcess:
         log = tmp_path / f"worker-{name}.log"
-        argv = command or [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
+        argv = command or [sys.executable, "-m", "celery", "-A", "ctdx.worker.celery_app", "worker"]
         argv = [*argv, "-Q", queue, "--pool", pool, "--concurrency", "1",
                 "--hostname", f"{name}@%h", "--loglevel", "INFO"]
         if command is None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from db.settings import Settings
+from ctdx.db.settings import Settings
 from tests.conftest import REPO_ROOT, free_port, wait_for
 
 CTDX = str(Path(sys.executable).with_name("ctdx"))

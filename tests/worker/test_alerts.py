@@ -22,15 +22,15 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-from db import alerts
-from db.models import Alert, Analysis, Export, Study, StudyVersion, utcnow
-from db.session import make_engine, session_scope
-from db.settings import Settings, load_settings
-from model_train.phantom import write_phantom_series
+from ctdx.db import alerts
+from ctdx.db.models import Alert, Analysis, Export, Study, StudyVersion, utcnow
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings, load_settings
+from ctdx.model_train.phantom import write_phantom_series
+from ctdx.worker.report import delivery, outbox
 from tests.conftest import REPO_ROOT, free_port, wait_for
 from tests.worker.alert_receiver import Receiver
 from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings
-from worker.report import delivery, outbox
 
 SECRET = "correct horse battery staple"
 PHI = ("PHANTOM^SYNTHETIC", "PHANTOM-0001", "Doe^Jane", "PID-4711")
@@ -234,7 +234,7 @@ def test_status_changed_is_ready_for_ctdx_status(
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    from worker.demo import settings_environment
+    from ctdx.worker.demo import settings_environment
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTDX_")}
     env.update(settings_environment(settings))
@@ -256,11 +256,11 @@ def test_a_worker_process_alerts_a_covid_study_and_an_unreachable_receiver_holds
     log = tmp_path / "worker.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from db.cli import main; main()", "worker", "--pool", "solo",
+            [sys.executable, "-c", "from ctdx.cli import main; main()", "worker", "--pool", "solo",
              "--loglevel", "INFO", "--hostname", f"alerts-{uuid.uuid4().hex[:6]}@%h"],
             cwd=REPO_ROOT, env=worker_env(settings), stdout=fh, stderr=subprocess.STDOUT)
     try:
-        from scp.outbox import CelerySender
+        from ctdx.scp.outbox import CelerySender
 
         CelerySender(settings).send(stored.study_version_id)
         engine = make_engine(sqlite_url)

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
-from db.models import Analysis, SliceResult, StudyVersion
-from db.session import make_engine, session_scope
-from db.settings import Settings
-from model_train.method.checkpoint import read_checkpoint_meta
-from model_train.phantom import write_phantom_series
+from ctdx.db.models import Analysis, SliceResult, StudyVersion
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings
+from ctdx.model_train.method.checkpoint import read_checkpoint_meta
+from ctdx.model_train.phantom import write_phantom_series
+from ctdx.worker import claim as claims
+from ctdx.worker.celery_app import TASK_PROCESS_STUDY, make_celery, task_id_for
+from ctdx.worker.claim import ModelIdentity
 from tests.conftest import wait_for
 from tests.worker.conftest import Checkpoints, StoredStudy, WorkerProcess, analysis_settings
-from worker import claim as claims
-from worker.celery_app import TASK_PROCESS_STUDY, make_celery, task_id_for
-from worker.claim import ModelIdentity
 
 
 def _send(settings: Settings, queue: str, version_id: int) -> None:

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine, func, select
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     AnalysisState,
     SliceResult,
@@ -19,11 +19,11 @@ from db.models import (
     VersionState,
     utcnow,
 )
-from db.session import session_scope
+from ctdx.db.session import session_scope
+from ctdx.worker import claim as claims
+from ctdx.worker.claim import ClaimStatus, ModelIdentity
+from ctdx.worker.store import ClaimLost, SliceRow, StudyResult, store_results
 from tests.conftest import wait_for
-from worker import claim as claims
-from worker.claim import ClaimStatus, ModelIdentity
-from worker.store import ClaimLost, SliceRow, StudyResult, store_results
 
 MODEL = ModelIdentity("test-resnet50", "1", "1.2.826.0.1.3680043.8.498.1")
 

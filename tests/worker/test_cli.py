@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from db.cli import app
+from ctdx.cli import app
 from tests.worker.conftest import Checkpoints
 
 
@@ -75,7 +75,7 @@ def test_plain_celery_worker_refuses_a_database_that_is_not_at_head(
     environment = {**{k: v for k, v in os.environ.items() if not k.startswith("CTDX_")}, **env,
                    "CTDX_DATABASE_URL": f"sqlite:///{empty}"}
     proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
+        [sys.executable, "-m", "celery", "-A", "ctdx.worker.celery_app", "worker", "--pool", "solo",
          "-Q", "ctdx-never-used"],
         cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=120,
     )

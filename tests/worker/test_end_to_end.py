@@ -1,6 +1,6 @@
 """Real CT series through the whole path: dcmtk storescu -> listener -> broker -> worker -> DB.
 
-The listener runs in this process (``scp.server.ScpService``, its own outbox
+The listener runs in this process (``ctdx.scp.server.ScpService``, its own outbox
 and completion); the worker is a real Celery worker subprocess. Checkpoints
 have random weights, so the calls are not meaningful: the tests check that
 every study arrives, is analysed once, and has every result field.
@@ -17,11 +17,11 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import Engine, func, select
 
-from db.models import Analysis, Export, SliceResult, StudyVersion
-from db.session import make_engine, session_scope
-from db.settings import Settings
-from scp.outbox import CelerySender
-from scp.server import ScpService
+from ctdx.db.models import Analysis, Export, SliceResult, StudyVersion
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings
+from ctdx.scp.outbox import CelerySender
+from ctdx.scp.server import ScpService
 from tests.conftest import free_port, require_tool, wait_for
 from tests.report.conftest import StoreSCP, dsrdump
 from tests.worker.conftest import Checkpoints, WorkerProcess, analysis_settings

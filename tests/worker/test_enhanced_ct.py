@@ -18,18 +18,18 @@ import pytest
 from pydicom.uid import RLELossless
 from sqlalchemy import Engine, select
 
-from db.models import Analysis, SliceResult
-from db.session import make_engine, session_scope
-from db.settings import Settings
-from model_train.phantom import write_enhanced_phantom, write_phantom_series
+from ctdx.db.models import Analysis, SliceResult
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings
+from ctdx.model_train.phantom import write_enhanced_phantom, write_phantom_series
+from ctdx.worker import runtime, service
+from ctdx.worker.errors import InconsistentSeries, NoUsableSeries
+from ctdx.worker.loading import iter_batches, order_series
+from ctdx.worker.series_selection import choose, describe_series, load_rules
+from ctdx.worker.service import Outcome
+from ctdx.worker.study import SeriesRef
 from tests.report.conftest import dciodvfy
 from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings, instance_refs
-from worker import runtime, service
-from worker.errors import InconsistentSeries, NoUsableSeries
-from worker.loading import iter_batches, order_series
-from worker.series_selection import choose, describe_series, load_rules
-from worker.service import Outcome
-from worker.study import SeriesRef
 
 N, SIZE = 12, 64
 
@@ -246,7 +246,7 @@ def test_enhanced_ct_sent_with_storescu_is_stored_by_the_listener_and_analysed(
     """dcmtk storescu -> the real listener (spool, database, completion, outbox) -> the worker."""
     import subprocess
 
-    from scp.server import ScpService
+    from ctdx.scp.server import ScpService
     from tests.conftest import free_port, require_tool, wait_for
 
     settings = analysis_settings(
@@ -283,7 +283,7 @@ def test_enhanced_ct_sent_with_storescu_is_stored_by_the_listener_and_analysed(
 
 
 def test_truncated_multiframe_pixel_data_names_the_instance(tmp_path: Path) -> None:
-    from worker.errors import UndecodablePixelData
+    from ctdx.worker.errors import UndecodablePixelData
 
     study = write_enhanced_phantom(tmp_path / "e", "normal", n_slices=6, size=32, seed=0,
                                    frame_order=[5, 4, 3, 2, 1, 0])

@@ -20,12 +20,12 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from model_train.method.hu import MIN_HU
-from model_train.phantom import phantom_volume, write_phantom_series
+from ctdx.model_train.method.hu import MIN_HU
+from ctdx.model_train.phantom import phantom_volume, write_phantom_series
+from ctdx.worker.errors import InconsistentSeries, UndecodablePixelData
+from ctdx.worker.loading import decode_hu, iter_batches, order_series
 from tests.conftest import require_tool
 from tests.worker.conftest import instance_refs
-from worker.errors import InconsistentSeries, UndecodablePixelData
-from worker.loading import decode_hu, iter_batches, order_series
 
 SIZE, N = 64, 12
 

@@ -1,6 +1,6 @@
 """Reconciliation from the database (issue 14): what the broker lost is published again.
 
-The first tests drive :mod:`worker.reconcile` against real SQLite and PostgreSQL
+The first tests drive :mod:`ctdx.worker.reconcile` against real SQLite and PostgreSQL
 databases (many reconcilers at once included). The slow ones are the faults as
 they happen in a hospital, with real processes: a private Redis, ``ctdx scp``,
 ``ctdx worker`` (main and pool process killed together), dcmtk's storescp as the
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select, update
 
-from db.models import (
+from ctdx.db.models import (
     Analysis,
     AnalysisState,
     Export,
@@ -35,9 +35,11 @@ from db.models import (
     VersionState,
     utcnow,
 )
-from db.session import make_engine, session_scope
-from db.settings import Settings
-from model_train.phantom import write_phantom_series
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings
+from ctdx.model_train.phantom import write_phantom_series
+from ctdx.worker import reconcile
+from ctdx.worker.reconcile import PublishFailed, ServiceBeat
 from tests.conftest import free_port, require_tool, wait_for
 from tests.report.conftest import StoreSCP
 from tests.worker.conftest import Checkpoints, WorkerProcess, analysis_settings
@@ -48,8 +50,6 @@ from tests.worker.services import (
     ctdx_status,
     problems_of,
 )
-from worker import reconcile
-from worker.reconcile import PublishFailed, ServiceBeat
 
 CLAIM, QUEUED = 30.0, 60.0
 #: CTDX_CLAIM_TIMEOUT of the fault tests (CTDX_QUEUED_TIMEOUT is twice it); small so they are

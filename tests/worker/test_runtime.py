@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from db.settings import load_settings
+from ctdx.db.settings import load_settings
+from ctdx.worker import runtime
+from ctdx.worker.errors import WorkerNotReady
 from tests.worker.conftest import Checkpoints, analysis_settings
-from worker import runtime
-from worker.errors import WorkerNotReady
 
 
 def test_torch_threads_share_the_cores_unless_set() -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from db.session import make_engine, session_scope
-from model_train.phantom import write_phantom_series
-from worker.errors import NoUsableSeries
-from worker.series_selection import (
+from ctdx.db.session import make_engine, session_scope
+from ctdx.model_train.phantom import write_phantom_series
+from ctdx.worker.errors import NoUsableSeries
+from ctdx.worker.series_selection import (
     RulesError,
     SeriesCandidate,
     choose,
@@ -20,7 +20,7 @@ from worker.series_selection import (
     rules_from_mapping,
     select_series,
 )
-from worker.study import load_study_version
+from ctdx.worker.study import load_study_version
 
 LUNG_PET_CT = "lung-pet-ct-dx/Lung_Dx-A0002"
 

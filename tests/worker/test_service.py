@@ -11,15 +11,15 @@ import pytest
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import OperationalError
 
-from db.models import Analysis, AnalysisState, SliceResult, StudyVersion, VersionState
-from db.session import make_engine, session_scope
-from db.settings import Settings
-from model_train.method.classes import MANIFESTATION_CLASSES
-from model_train.phantom import write_phantom_series
+from ctdx.db.models import Analysis, AnalysisState, SliceResult, StudyVersion, VersionState
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings
+from ctdx.model_train.method.classes import MANIFESTATION_CLASSES
+from ctdx.model_train.phantom import write_phantom_series
+from ctdx.worker import claim as claims
+from ctdx.worker import runtime, service
+from ctdx.worker.service import Outcome
 from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings
-from worker import claim as claims
-from worker import runtime, service
-from worker.service import Outcome
 
 N_SLICES, SIZE = 8, 80
 
@@ -192,7 +192,7 @@ def test_reporting_errors_do_not_fail_the_analysis(
     tmp_path: Path, settings: Settings, db: Engine, store: Callable[..., StoredStudy],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import worker.report
+    import ctdx.worker.report
 
     calls: list[int] = []
 
@@ -200,7 +200,7 @@ def test_reporting_errors_do_not_fail_the_analysis(
         calls.append(analysis_id)
         raise RuntimeError("PACS export exploded")
 
-    monkeypatch.setattr(worker.report, "publish_reports", broken)
+    monkeypatch.setattr(ctdx.worker.report, "publish_reports", broken)
     stored = _phantom(tmp_path, store, settings.resolved_database_url)
     result = _run(db, settings, stored.study_version_id)
     assert result.outcome is Outcome.ANALYSED and calls == [result.analysis_id]
@@ -211,14 +211,14 @@ def test_transient_error_releases_the_claim_for_the_retry(
     tmp_path: Path, settings: Settings, db: Engine, store: Callable[..., StoredStudy],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import worker.pipeline
+    import ctdx.worker.pipeline
 
     stored = _phantom(tmp_path, store, settings.resolved_database_url)
 
     def unreachable(*args: object, **kwargs: object) -> None:
         raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
 
-    monkeypatch.setattr(worker.pipeline, "analyse_series", unreachable)
+    monkeypatch.setattr(ctdx.worker.pipeline, "analyse_series", unreachable)
     with pytest.raises(OperationalError):
         _run(db, settings, stored.study_version_id)
     retry = claims.claim(db, stored.study_version_id, runtime.get_models(settings).identity,

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from db.models import Analysis
-from db.session import make_engine, session_scope
-from db.settings import Settings, load_settings
-from model_train.phantom import write_phantom_series
-from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings
-from worker import claim as claims
-from worker import runtime
-from worker.celery_app import (
+from ctdx.db.models import Analysis
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings, load_settings
+from ctdx.model_train.phantom import write_phantom_series
+from ctdx.worker import claim as claims
+from ctdx.worker import runtime
+from ctdx.worker.celery_app import (
     QUEUE,
     TASK_PROCESS_STUDY,
     app,
@@ -23,8 +22,9 @@ from worker.celery_app import (
     make_celery,
     visibility_timeout,
 )
-from worker.errors import TRANSIENT_ERRORS, WorkerNotReady
-from worker.tasks import process_study
+from ctdx.worker.errors import TRANSIENT_ERRORS, WorkerNotReady
+from ctdx.worker.tasks import process_study
+from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings
 
 
 @pytest.mark.parametrize("limit", [10, 60, 1800, 7200])

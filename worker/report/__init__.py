@@ -7,17 +7,17 @@ Public API:
 - :class:`DeliveryLoop` (``ctdx worker``'s main process, or a thread in
   embedded mode) and :func:`deliver_due`: deliver what is due, retrying with
   backoff, dead-lettering after ``CTDX_EXPORT_MAX_ATTEMPTS``.
-- :func:`worker.report.outbox.list_exports` for tests and tools; operators retry dead
-  exports with ``ctdx exports retry`` (``db.operations.retry_export``).
+- :func:`ctdx.worker.report.outbox.list_exports` for tests and tools; operators retry dead
+  exports with ``ctdx exports retry`` (``ctdx.db.operations.retry_export``).
 
 docs/sr-content.md describes the SR's content and codes.
 """
 
 from __future__ import annotations
 
-from worker.report.delivery import DeliveryLoop, deliver_due
-from worker.report.errors import AnalysisNotReportable, ReportError, SourceImageMissing
-from worker.report.publish import publish_reports
+from ctdx.worker.report.delivery import DeliveryLoop, deliver_due
+from ctdx.worker.report.errors import AnalysisNotReportable, ReportError, SourceImageMissing
+from ctdx.worker.report.publish import publish_reports
 
 __all__ = [
     "AnalysisNotReportable",

@@ -27,12 +27,12 @@ from pynetdicom import AE, _config
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from db import alerts
-from db.models import ExportState, utcnow
-from db.settings import Settings
-from worker.report import outbox
-from worker.report.errors import DeliveryError
-from worker.report.outbox import ClaimedExport, Destination
+from ctdx.db import alerts
+from ctdx.db.models import ExportState, utcnow
+from ctdx.db.settings import Settings
+from ctdx.worker.report import outbox
+from ctdx.worker.report.errors import DeliveryError
+from ctdx.worker.report.outbox import ClaimedExport, Destination
 
 logger = logging.getLogger(__name__)
 

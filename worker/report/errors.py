@@ -2,9 +2,9 @@
 
 - :class:`ReportError`: a report cannot be built for an analysis (it is not
   analysed, its source images are gone from the spool). Raised by
-  :func:`worker.report.publish_reports`; the worker decides what to do with it.
+  :func:`ctdx.worker.report.publish_reports`; the worker decides what to do with it.
 - :class:`DeliveryError`: one C-STORE did not end in a success status. Never
-  leaves the package: :mod:`worker.report.outbox` turns it into a retry with
+  leaves the package: :mod:`ctdx.worker.report.outbox` turns it into a retry with
   backoff, or a dead letter once the attempts are used up.
 
 Messages name UIDs and surrogate keys only, never patient data.

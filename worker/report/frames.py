@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from pydicom import Dataset
 
-from worker.loading import functional_group
+from ctdx.worker.loading import functional_group
 
 #: What a frame's description must not carry over from its multi-frame instance.
 _DROPPED = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",

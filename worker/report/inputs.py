@@ -14,10 +14,18 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Analysis, AnalysisState, Instance, Series, SliceResult, Study, StudyVersion
-from db.validation_db import operating_point_statement
-from model_train.method.classes import MANIFESTATION_CLASSES, RECOGNITION_CLASSES
-from worker.report.errors import AnalysisNotReportable
+from ctdx.db.models import (
+    Analysis,
+    AnalysisState,
+    Instance,
+    Series,
+    SliceResult,
+    Study,
+    StudyVersion,
+)
+from ctdx.db.validation_db import operating_point_statement
+from ctdx.model_train.method.classes import MANIFESTATION_CLASSES, RECOGNITION_CLASSES
+from ctdx.worker.report.errors import AnalysisNotReportable
 
 logger = logging.getLogger(__name__)
 

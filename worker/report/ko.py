@@ -15,11 +15,11 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
 
-from worker.report import codes
-from worker.report.frames import set_frame_numbers
-from worker.report.inputs import ReportInput
-from worker.report.sr import MANUFACTURER, local_datetime, series_description, software_version
-from worker.report.uids import SERIES_NUMBERS, device_uid, object_uids
+from ctdx.worker.report import codes
+from ctdx.worker.report.frames import set_frame_numbers
+from ctdx.worker.report.inputs import ReportInput
+from ctdx.worker.report.sr import MANUFACTURER, local_datetime, series_description, software_version
+from ctdx.worker.report.uids import SERIES_NUMBERS, device_uid, object_uids
 
 logger = logging.getLogger(__name__)
 

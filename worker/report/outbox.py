@@ -1,6 +1,6 @@
 """The export outbox: one ``exports`` row per report object and destination.
 
-Life of a row (``db.models.ExportState``)::
+Life of a row (``ctdx.db.models.ExportState``)::
 
     pending --claim--> (being sent: claimed_by set, next_attempt_at = lease end)
         --success--> delivered
@@ -34,10 +34,10 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import Export, ExportState
-from db.session import session_scope
-from db.settings import Settings
-from worker.report.uids import ReportKind
+from ctdx.db.models import Export, ExportState
+from ctdx.db.session import session_scope
+from ctdx.db.settings import Settings
+from ctdx.worker.report.uids import ReportKind
 
 logger = logging.getLogger(__name__)
 

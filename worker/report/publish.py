@@ -17,22 +17,22 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from db.models import Analysis, AnalysisState, StudyVersion, utcnow
-from db.session import session_scope
-from db.settings import Settings
-from worker.report import outbox, storage
-from worker.report.delivery import deliver_due
-from worker.report.errors import SourceImageMissing
-from worker.report.frames import frame_view
-from worker.report.headers import clean_header
-from worker.report.inputs import ReportInput, SliceInfo, load_report_input
-from worker.report.ko import build_key_objects
-from worker.report.outbox import StoredObject
-from worker.report.routing import destination_for
-from worker.report.sr import SrSources, build_sr
-from worker.report.summary import build_summary
-from worker.report.uids import ReportKind, object_uids
-from worker.report.validation import InvalidReportObject, require_valid, scrubbed
+from ctdx.db.models import Analysis, AnalysisState, StudyVersion, utcnow
+from ctdx.db.session import session_scope
+from ctdx.db.settings import Settings
+from ctdx.worker.report import outbox, storage
+from ctdx.worker.report.delivery import deliver_due
+from ctdx.worker.report.errors import SourceImageMissing
+from ctdx.worker.report.frames import frame_view
+from ctdx.worker.report.headers import clean_header
+from ctdx.worker.report.inputs import ReportInput, SliceInfo, load_report_input
+from ctdx.worker.report.ko import build_key_objects
+from ctdx.worker.report.outbox import StoredObject
+from ctdx.worker.report.routing import destination_for
+from ctdx.worker.report.sr import SrSources, build_sr
+from ctdx.worker.report.summary import build_summary
+from ctdx.worker.report.uids import ReportKind, object_uids
+from ctdx.worker.report.validation import InvalidReportObject, require_valid, scrubbed
 
 logger = logging.getLogger(__name__)
 

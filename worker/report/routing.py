@@ -1,6 +1,6 @@
 """Where an analysis's report objects go: the configured PACS, or a self-test's stand-in.
 
-A study sent by ``ctdx selftest`` (:mod:`db.selftest_studies`) carries its own
+A study sent by ``ctdx selftest`` (:mod:`ctdx.db.selftest_studies`) carries its own
 destination, recorded before it was sent: the stand-in PACS the command
 started, or the configured PACS when it ran with ``--to-pacs``. A study marked
 as a test (Patient ID ``CTDX-SELFTEST``) that ``ctdx selftest`` did not record
@@ -13,10 +13,10 @@ import logging
 
 from sqlalchemy import Engine
 
-from db.selftest_studies import routing_of
-from db.session import session_scope
-from db.settings import Settings
-from worker.report.outbox import Destination, destination_from
+from ctdx.db.selftest_studies import routing_of
+from ctdx.db.session import session_scope
+from ctdx.db.settings import Settings
+from ctdx.worker.report.outbox import Destination, destination_from
 
 logger = logging.getLogger(__name__)
 

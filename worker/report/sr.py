@@ -1,7 +1,7 @@
 """The DICOM Structured Report: a Comprehensive 3D SR with a TID 1500 Measurement Report.
 
 Built from highdicom's templates only; every code comes from
-:mod:`worker.report.codes`. The content tree (docs/sr-content.md)::
+:mod:`ctdx.worker.report.codes`. The content tree (docs/sr-content.md)::
 
     Imaging Measurement Report (TID 1500)
     ├─ language, observer = the model as a device, procedure = CT
@@ -17,7 +17,7 @@ Built from highdicom's templates only; every code comes from
 
 A key slice of an Enhanced CT series is a frame: every reference to it (Image
 Library entry, Source of Measurement) carries its Referenced Frame Number, and
-the Image Library describes the frame's own position (:mod:`worker.report.frames`).
+the Image Library describes the frame's own position (:mod:`ctdx.worker.report.frames`).
 
 Flags are honest: the document is COMPLETE (it holds everything this analysis
 produced; a later study version gets a new document that names this one as
@@ -46,10 +46,10 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes as dicom_codes
 
-from worker.report import codes
-from worker.report.frames import set_frame_numbers
-from worker.report.inputs import ReportInput, SliceInfo
-from worker.report.uids import SERIES_NUMBERS, derived_uid, device_uid, object_uids
+from ctdx.worker.report import codes
+from ctdx.worker.report.frames import set_frame_numbers
+from ctdx.worker.report.inputs import ReportInput, SliceInfo
+from ctdx.worker.report.uids import SERIES_NUMBERS, derived_uid, device_uid, object_uids
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 
-from worker.report.uids import ReportKind
+from ctdx.worker.report.uids import ReportKind
 
 logger = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from pydicom.pixels.processing import apply_rescale
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian
 
-from model_train.method.classes import DISPLAY_NAMES
-from model_train.method.hu import rescale_to_hu
-from worker.loading import functional_group
-from worker.report.inputs import ReportInput, SliceInfo
-from worker.report.sr import MANUFACTURER, local_datetime, series_description, software_version
-from worker.report.uids import SERIES_NUMBERS, object_uids
+from ctdx.model_train.method.classes import DISPLAY_NAMES
+from ctdx.model_train.method.hu import rescale_to_hu
+from ctdx.worker.loading import functional_group
+from ctdx.worker.report.inputs import ReportInput, SliceInfo
+from ctdx.worker.report.sr import MANUFACTURER, local_datetime, series_description, software_version
+from ctdx.worker.report.uids import SERIES_NUMBERS, object_uids
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def lung_contour(hu: NDArray[np.float32], spacing_mm: float | None) -> NDArray[n
     is drawn without a contour rather than not at all.
     """
     try:
-        from model_train.method.segmentation import segment_lungs  # the paper's segmentation
+        from ctdx.model_train.method.segmentation import segment_lungs  # the paper's segmentation
     except ImportError:
         logger.info("lung segmentation not available: summary without lung contour")
         return None

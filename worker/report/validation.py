@@ -45,9 +45,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 from pydicom.valuerep import validate_value
 
-from worker.report.errors import ReportError
-from worker.report.headers import UID_PATTERN, is_empty
-from worker.report.storage import encode
+from ctdx.worker.report.errors import ReportError
+from ctdx.worker.report.headers import UID_PATTERN, is_empty
+from ctdx.worker.report.storage import encode
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import db.models.base
+from ctdx.db.models.base import UTCDateTime
 
 revision = "0001"
 down_revision = None
@@ -25,9 +25,9 @@ def upgrade() -> None:
         sa.Column("study_instance_uid", sa.String(length=64), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("referenced_sop_instance_uids", sa.Text(), nullable=False),
-        sa.Column("created_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("applied_at", db.models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("applied_at", UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_performed_procedure_steps")),
         sa.UniqueConstraint(
             "sop_instance_uid", name=op.f("uq_performed_procedure_steps_sop_instance_uid")
@@ -49,7 +49,7 @@ def upgrade() -> None:
         sa.Column("accession_number", sa.String(length=16), nullable=True),
         sa.Column("study_date", sa.String(length=8), nullable=True),
         sa.Column("study_description", sa.String(length=64), nullable=True),
-        sa.Column("created_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_studies")),
         sa.UniqueConstraint("study_instance_uid", name=op.f("uq_studies_study_instance_uid")),
     )
@@ -61,7 +61,7 @@ def upgrade() -> None:
         sa.Column("modality", sa.String(length=16), nullable=True),
         sa.Column("series_number", sa.Integer(), nullable=True),
         sa.Column("series_description", sa.String(length=64), nullable=True),
-        sa.Column("created_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["study_id"], ["studies.id"], name=op.f("fk_series_study_id_studies")
         ),
@@ -78,9 +78,9 @@ def upgrade() -> None:
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("calling_ae_title", sa.String(length=16), nullable=True),
-        sa.Column("first_received_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("last_received_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("completed_at", db.models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("first_received_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("last_received_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("completed_at", UTCDateTime(timezone=True), nullable=True),
         sa.Column("completion_reason", sa.String(length=16), nullable=True),
         sa.Column("instance_count", sa.Integer(), nullable=False),
         sa.ForeignKeyConstraint(
@@ -108,7 +108,7 @@ def upgrade() -> None:
         sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),
         sa.Column("calling_ae_title", sa.String(length=16), nullable=True),
-        sa.Column("received_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("received_at", UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["series_id"], ["series.id"], name=op.f("fk_instances_series_id_series")
         ),
@@ -131,11 +131,11 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("study_version_id", sa.Integer(), nullable=False),
         sa.Column("task_name", sa.String(length=64), nullable=False),
-        sa.Column("created_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("dispatched_at", db.models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("dispatched_at", UTCDateTime(timezone=True), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("next_attempt_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("next_attempt_at", UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["study_version_id"],
             ["study_versions.id"],
@@ -154,7 +154,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("study_version_id", sa.Integer(), nullable=False),
         sa.Column("holder", sa.String(length=128), nullable=False),
-        sa.Column("expires_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["study_version_id"],
             ["study_versions.id"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import db.models.base
+from ctdx.db.models.base import UTCDateTime
 
 revision = "0002"
 down_revision = "0001"
@@ -30,9 +30,9 @@ def upgrade() -> None:
         sa.Column("worker", sa.String(length=128), nullable=True),
         sa.Column("device", sa.String(length=128), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("claimed_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("heartbeat_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("finished_at", db.models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("claimed_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("heartbeat_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", UTCDateTime(timezone=True), nullable=True),
         sa.Column("series_instance_uid", sa.String(length=64), nullable=True),
         sa.Column("series_selection", sa.Text(), nullable=True),
         sa.Column("slices_total", sa.Integer(), nullable=True),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import db.models.base
+from ctdx.db.models.base import UTCDateTime
 
 revision = "0003"
 down_revision = "0002"
@@ -31,11 +31,11 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("last_status", sa.Integer(), nullable=True),
-        sa.Column("created_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("next_attempt_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("last_attempt_at", db.models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("next_attempt_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("last_attempt_at", UTCDateTime(timezone=True), nullable=True),
         sa.Column("claimed_by", sa.String(length=128), nullable=True),
-        sa.Column("delivered_at", db.models.base.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("delivered_at", UTCDateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["analysis_id"], ["analyses.id"], name=op.f("fk_exports_analysis_id_analyses")
         ),

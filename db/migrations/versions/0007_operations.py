@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import db.models.base
+from ctdx.db.models.base import UTCDateTime
 
 revision = "0007"
 down_revision = "0006"
@@ -25,8 +25,8 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("host", sa.String(length=128), nullable=False),
         sa.Column("pid", sa.Integer(), nullable=False),
-        sa.Column("started_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("seen_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("started_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("seen_at", UTCDateTime(timezone=True), nullable=False),
         sa.Column("detail", sa.JSON(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_service_heartbeats")),
         sa.UniqueConstraint("name", name=op.f("uq_service_heartbeats_name")),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import db.models.base
+from ctdx.db.models.base import UTCDateTime
 
 revision = "0008"
 down_revision = "0007"
@@ -26,7 +26,7 @@ def upgrade() -> None:
     op.create_table(
         "operating_points",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("adopted_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("adopted_at", UTCDateTime(timezone=True), nullable=False),
         sa.Column("adopted_by", sa.String(length=128), nullable=False),
         sa.Column("model_name", sa.String(length=128), nullable=False),
         sa.Column("model_version", sa.String(length=64), nullable=False),
@@ -34,7 +34,7 @@ def upgrade() -> None:
         sa.Column("threshold", sa.Float(), nullable=False),
         sa.Column("choice", sa.String(length=32), nullable=False),
         sa.Column("target_sensitivity", sa.Float(), nullable=True),
-        sa.Column("validated_at", db.models.base.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("validated_at", UTCDateTime(timezone=True), nullable=False),
         sa.Column("n_studies", sa.Integer(), nullable=False),
         sa.Column("n_positive", sa.Integer(), nullable=False),
         sa.Column("n_negative", sa.Integer(), nullable=False),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from db.models.base import UTCDateTime
+from ctdx.db.models.base import UTCDateTime
 
 revision = "0009"
 down_revision = "0008"

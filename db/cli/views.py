@@ -15,7 +15,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from db.cli_output import (
+from ctdx.db.cli.output import (
     Column,
     fitted_table,
     iso_utc,
@@ -24,7 +24,7 @@ from db.cli_output import (
     seconds,
     short_time,
 )
-from db.queries import (
+from ctdx.db.queries import (
     AnalysisInfo,
     AuditInfo,
     ExportInfo,

@@ -1,7 +1,8 @@
 """The ``ctdx`` command: one sub-command per noun, each owned by its package.
 
-User errors become a one-line message and a non-zero exit code; tracebacks
-never show local variables (they may hold PHI).
+This module sits above every package: it imports each one's ``register(app)``, and nothing
+of ctdx imports it. User errors become a one-line message and a non-zero exit code;
+tracebacks never show local variables (they may hold PHI).
 """
 
 from __future__ import annotations
@@ -12,20 +13,10 @@ import click
 import typer
 from rich.console import Console
 from rich.markup import escape
-from sqlalchemy.exc import OperationalError
 
-from db import migrate
-from db.cli_common import (
-    EXIT_DATABASE,
-    DatabaseUrlOption,
-    UserError,
-    database_unreachable,
-    require_existing_sqlite,
-    resolve_database_url,
-    revision_problem,
-)
+from ctdx.db.cli.common import UserError
 
-__all__ = ["DatabaseUrlOption", "UserError", "app", "main"]
+__all__ = ["app", "main"]
 
 app = typer.Typer(
     name="ctdx",
@@ -42,54 +33,19 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-db_app = typer.Typer(help="Results database: migrations and health.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
 
 err = Console(stderr=True, soft_wrap=True)
 
 
-@db_app.command("upgrade")
-def db_upgrade(database_url: str | None = DatabaseUrlOption) -> None:
-    """Create or migrate the database to the newest schema (safe to run again).
-
-    A SQLite file (and its folder) is created when absent; a PostgreSQL
-    database must exist (create it with `createdb`).
-    """
-    url = resolve_database_url(database_url)
-    try:
-        migrate.upgrade(url)
-    except OperationalError as exc:
-        raise database_unreachable(exc) from None
-    typer.echo(f"database at revision {migrate.head_revision()}")
-
-
-@db_app.command("check")
-def db_check(database_url: str | None = DatabaseUrlOption) -> None:
-    """Exit 0 when the database exists, is reachable and is at the newest revision.
-
-    Exit 3 otherwise, with the reason. Never creates a missing SQLite file.
-    """
-    url = resolve_database_url(database_url)
-    require_existing_sqlite(url)
-    try:
-        st = migrate.status(url)
-    except OperationalError as exc:
-        raise database_unreachable(exc) from None
-    problem = revision_problem(st.current, st.head)
-    if problem is not None:
-        raise UserError(problem, EXIT_DATABASE)
-    typer.echo(f"ok: database reachable and at revision {st.head}")
-
-
 def _register_subcommands() -> None:
     """Each package adds its nouns; their modules import heavy libraries lazily."""
-    from db import cli_results, cli_status, cli_validate
-    from db.cli_help import tidy_help
-    from model_train import cli as train_cli
-    from scp import cli as scp_cli
-    from scp import cli_spool
-    from worker import cli as worker_cli
-    from worker import demo, selftest
+    from ctdx.db import cli as db_cli
+    from ctdx.db.cli.help import tidy_help
+    from ctdx.model_train import cli as train_cli
+    from ctdx.scp import cli as scp_cli
+    from ctdx.scp import cli_spool
+    from ctdx.worker import cli as worker_cli
+    from ctdx.worker import demo, selftest
 
     tidy_help()
     demo.register(app)
@@ -97,14 +53,11 @@ def _register_subcommands() -> None:
     scp_cli.register(app)
     cli_spool.register(app)
     worker_cli.register(app)
-    cli_results.register(app)
-    cli_status.register(app)
-    cli_validate.register(app)
+    db_cli.register(app)
     train_cli.register(app)
 
 
 _register_subcommands()
-
 
 def main() -> None:
     """Entry point of the ``ctdx`` script: user errors as one red line and their exit code."""

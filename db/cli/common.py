@@ -1,6 +1,6 @@
 """What every ``ctdx`` sub-command shares: the user error, exit codes, opening the database.
 
-Kept apart from :mod:`db.cli` so that command modules can import it without
+Kept apart from :mod:`ctdx.db.cli` so that command modules can import it without
 importing the root app (which imports them back to register their nouns).
 """
 
@@ -17,9 +17,9 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from db import migrate
-from db.session import make_engine
-from db.settings import load_settings
+from ctdx.db import migrate
+from ctdx.db.session import make_engine
+from ctdx.db.settings import load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class UserError(_ClickException):
 
     A ``ClickException`` of the click that Typer runs on, so that Typer's
     standalone mode (and its test runner) prints the message and exits with
-    ``code`` instead of showing a traceback; ``db.cli.main`` prints it itself.
+    ``code`` instead of showing a traceback; ``ctdx.db.cli.main`` prints it itself.
     """
 
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:

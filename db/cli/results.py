@@ -1,9 +1,9 @@
 """`ctdx results`, `ctdx studies`, `ctdx exports`: query and operate the results database.
 
 Thin commands: they parse options, open the database (refusing a missing or
-outdated one), call :mod:`db.queries` / :mod:`db.operations` in one session,
-and hand the frozen results to :mod:`db.cli_views`. Domain exceptions become
-one-line messages with the exit codes of :mod:`db.cli_common`.
+outdated one), call :mod:`ctdx.db.queries` / :mod:`ctdx.db.operations` in one session,
+and hand the frozen results to :mod:`ctdx.db.cli.views`. Domain exceptions become
+one-line messages with the exit codes of :mod:`ctdx.db.cli.common`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from enum import StrEnum
 import typer
 from rich.text import Text
 
-from db import cli_views as views
-from db import health, operations, queries
-from db.cli_common import (
+from ctdx.db import health, operations, queries
+from ctdx.db.cli import views as views
+from ctdx.db.cli.common import (
     EXIT_NOT_FOUND,
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -27,13 +27,12 @@ from db.cli_common import (
     UserError,
     open_database,
 )
-from db.cli_dates import BadDate, parse_period
-from db.cli_output import ListFormat, make_console, write_csv, write_json
-from db.cli_validate import ByOption, stats_by_period
-from db.models import ExportState, VersionState, utcnow
-from db.session import session_scope
-from db.validation_db import PeriodUnit
-from model_train.method.classes import RECOGNITION_CLASSES
+from ctdx.db.cli.dates import BadDate, parse_period
+from ctdx.db.cli.output import ListFormat, make_console, write_csv, write_json
+from ctdx.db.cli.validate import ByOption, stats_by_period
+from ctdx.db.models import STUDY_DECISIONS, ExportState, VersionState, utcnow
+from ctdx.db.session import session_scope
+from ctdx.db.validation_db import PeriodUnit
 
 logger = logging.getLogger(__name__)
 
@@ -98,18 +97,18 @@ StatusOption = typer.Option(
 
 
 def _decision(value: str | None) -> str | None:
-    """The study calls of the method (``model_train.method.classes``); a typo is an error."""
+    """The study calls of the method (``ctdx.db.models.STUDY_DECISIONS``); a typo is an error."""
     if value is None:
         return None
     call = value.strip().lower()
-    if call not in RECOGNITION_CLASSES:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(RECOGNITION_CLASSES)}")
+    if call not in STUDY_DECISIONS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(STUDY_DECISIONS)}")
     return call
 
 
 DecisionOption = typer.Option(
     None, "--decision", metavar="CALL", callback=_decision,
-    help=f"Only this study call: {', '.join(RECOGNITION_CLASSES)}.",
+    help=f"Only this study call: {', '.join(STUDY_DECISIONS)}.",
 )
 CallingAeOption = typer.Option(
     None, "--calling-ae", metavar="AE", help="Only studies sent by this calling AE title."
@@ -301,7 +300,7 @@ def results_stats(
 ) -> None:
     """`ctdx results stats`: a period summarised."""
     start, end = _period(since, until)
-    if by is not None:  # drift per week or month (db.cli_validate)
+    if by is not None:  # drift per week or month (db.cli.validate)
         return stats_by_period(by, start, end, output, database_url)
     with open_database(database_url) as engine, session_scope(engine) as session:
         stats = queries.study_stats(session, since=start, until=end)
@@ -333,7 +332,7 @@ def studies_requeue(
     force: bool = ForceOption,
     database_url: str | None = DatabaseUrlOption,
 ) -> None:
-    """`ctdx studies requeue`: see :func:`db.operations.requeue_study`."""
+    """`ctdx studies requeue`: see :func:`ctdx.db.operations.requeue_study`."""
     actor = operations.default_actor()
     with _domain_errors(), open_database(database_url) as engine, session_scope(
         engine
@@ -397,7 +396,7 @@ def exports_retry(
     dead: bool = DeadOption,
     database_url: str | None = DatabaseUrlOption,
 ) -> None:
-    """`ctdx exports retry`: see :func:`db.operations.retry_export`."""
+    """`ctdx exports retry`: see :func:`ctdx.db.operations.retry_export`."""
     if (export_id is None) == (not dead):
         raise UserError("give an export ID or --dead (not both)", EXIT_USAGE)
     actor = operations.default_actor()

@@ -1,7 +1,7 @@
 """`ctdx validate`: check the study call on the site's own studies and adopt an operating point.
 
-Thin commands over :mod:`db.validation_db` (database), :mod:`db.validation_report`
-(truth file, document, files) and :mod:`db.validation` (the numbers).
+Thin commands over :mod:`ctdx.db.validation_db` (database), :mod:`ctdx.db.validation_report`
+(truth file, document, files) and :mod:`ctdx.db.validation` (the numbers).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from db import operations
-from db.cli_common import EXIT_REFUSED, EXIT_USAGE, DatabaseUrlOption, UserError, open_database
-from db.cli_output import (
+from ctdx.db import operations
+from ctdx.db.cli.common import EXIT_REFUSED, EXIT_USAGE, DatabaseUrlOption, UserError, open_database
+from ctdx.db.cli.output import (
     Column,
     ListFormat,
     fitted_table,
@@ -25,8 +25,8 @@ from db.cli_output import (
     write_csv,
     write_json,
 )
-from db.session import session_scope
-from db.validation_db import (
+from ctdx.db.session import session_scope
+from ctdx.db.validation_db import (
     Drift,
     PeriodUnit,
     ValidationError,
@@ -35,7 +35,7 @@ from db.validation_db import (
     load_cases,
     model_in_use,
 )
-from db.validation_db import drift as period_drift
+from ctdx.db.validation_db import drift as period_drift
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def validate_run(
     database_url: str | None = DatabaseUrlOption,
 ) -> None:
     """`ctdx validate run`."""
-    from db.validation_report import evaluate, read_truth, write_outputs  # numpy, scikit-learn
+    from ctdx.db.validation_report import evaluate, read_truth, write_outputs  # numpy, scikit-learn
 
     try:
         rows, digest = read_truth(truth)
@@ -193,7 +193,7 @@ def validate_adopt(
     database_url: str | None = DatabaseUrlOption,
 ) -> None:
     """`ctdx validate adopt`."""
-    from db.validation_report import read_validation
+    from ctdx.db.validation_report import read_validation
 
     try:
         doc = read_validation(directory)
@@ -263,7 +263,7 @@ def drift_json(drift: Drift) -> dict[str, object]:
 
 def stats_by_period(by: PeriodUnit, since: datetime | None, until: datetime | None,
                     output: ListFormat, database_url: str | None) -> None:
-    """`ctdx results stats --by`: the drift view of :func:`db.validation_db.drift`."""
+    """`ctdx results stats --by`: the drift view of :func:`ctdx.db.validation_db.drift`."""
     with open_database(database_url) as engine, session_scope(engine) as session:
         drift = period_drift(session, by, since=since, until=until)
     if output is ListFormat.JSON:

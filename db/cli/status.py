@@ -4,7 +4,7 @@ Exit 0 healthy, 1 degraded, 2 down; one line per problem with what to do
 (``--format json``: docs/cli-json.md). Checks the database (reachable, at the
 code's migration), the broker, the disk under the data dir, the services'
 heartbeats, the outbox, the queue, stale claims and the exports
-(:mod:`db.health`).
+(:mod:`ctdx.db.health`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 import typer
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from db import health, migrate
-from db.cli_common import DatabaseUrlOption, revision_problem, sqlite_path
-from db.cli_output import iso_utc
-from db.health import Health, PipelineNumbers, Problem
-from db.models import ServiceKind, utcnow
-from db.session import make_engine, session_scope
-from db.settings import Settings, load_settings
+from ctdx.db import health, migrate
+from ctdx.db.cli.common import DatabaseUrlOption, revision_problem, sqlite_path
+from ctdx.db.cli.output import iso_utc
+from ctdx.db.health import Health, PipelineNumbers, Problem
+from ctdx.db.models import ServiceKind, utcnow
+from ctdx.db.session import make_engine, session_scope
+from ctdx.db.settings import Settings, load_settings
 
 STATUS_FIELDS = ("status", "checked_at", "problems", "numbers")
 PROBLEM_FIELDS = ("check", "severity", "message", "action")

@@ -1,0 +1,5 @@
+"""``python -m ctdx``: the ``ctdx`` command."""
+
+from ctdx.cli import main
+
+main()
