@@ -217,11 +217,17 @@ class ListenerProcess:
                 count += 1
         return count
 
-    def settle(self, threads: int, fds: int, timeout: float = 8.0) -> None:
-        """Wait until threads and descriptors are back to (at most) the given counts."""
-        wait_for(lambda: self.threads <= threads and self.fds <= fds, timeout=timeout,
+    def settle(self, threads: int, fds: int, timeout: float = 30.0) -> None:
+        """Wait until threads and descriptors are back to (at most) the given counts.
+
+        Descriptors get ``POOL_SLACK``: under load the database pool may open a second SQLite
+        connection (its file and WAL: two descriptors) and keep it, which is no leak; a leak
+        of one association's socket, pipe and file (three or more) per connection still shows.
+        """
+        limit = fds + POOL_SLACK
+        wait_for(lambda: self.threads <= threads and self.fds <= limit, timeout=timeout,
                  message=f"threads {self.threads} <= {threads} and descriptors "
-                         f"{self.fds} <= {fds}")
+                         f"{self.fds} <= {limit}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -232,6 +238,9 @@ class ListenerProcess:
                 self.process.kill()
                 self.process.wait(timeout=30)
 
+
+#: descriptors a second pooled SQLite connection may hold (see ListenerProcess.settle)
+POOL_SLACK = 2
 
 @pytest.fixture(scope="module")
 def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ListenerProcess]:

@@ -447,21 +447,22 @@ def test_redis_restarted_without_persistence_while_a_worker_runs(
         worker = start_worker(settings, "ctdx", "busy", pool="prefork", command=[CTDX, "worker"])
         wait_for(lambda: "ready." in worker.output(), timeout=120, message="worker ready")
         wait_for(lambda: "models loaded" in worker.output(), timeout=120, message="models")
-        _send_study(tmp_path, settings.port, "a", n_slices=24, seed=31)
+        _send_study(tmp_path, settings.port, "a", n_slices=48, seed=31)
         _send_study(tmp_path, settings.port, "b", n_slices=8, seed=32)
 
-        def one_busy_one_waiting() -> bool:  # prefetch 1: b waits in Redis, not in the worker
-            return _states(engine) == ["processing", "queued"]
+        def one_busy_one_waiting() -> bool:  # prefetch 1: one waits in Redis, not the worker
+            # both complete within a quiet period of each other: either may be taken first
+            return sorted(_states(engine)) == ["processing", "queued"]
 
         wait_for(one_busy_one_waiting, timeout=60, interval=0.05,
-                 message="study a analysed while b waits in Redis")
+                 message="one study analysed while the other waits in Redis")
         private_redis.restart()  # SIGKILL, then an empty Redis on the same port
         restarted_at = time.monotonic()
         _every_study_reported_once(engine, pacs, 2, attempts=1,
                                    timeout=180 + settings.queued_timeout, workers=[worker])
         print(f"Redis restarted empty -> both SRs at the PACS: "
               f"{time.monotonic() - restarted_at:.1f} s")
-        assert re.search(r"study version 2: queued without a worker claiming it .* published",
+        assert re.search(r"study version \d+: queued without a worker claiming it .* published",
                          listener.text() + worker.output())
     finally:
         engine.dispose()
