@@ -13,36 +13,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ctdx.db.models import ServiceKind
 from ctdx.db.reconcile import (
-    BATCH,
-    REASON_STALE_CLAIM,
-    REASON_UNCLAIMED,
     Periodic,
     PublishFailed,
-    Republished,
     ServiceBeat,
     publish_missing_reports,
     reconcile_interval,
     republish_stalled,
-    take_stalled,
 )
 from ctdx.db.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BATCH",
-    "Periodic",
-    "PublishFailed",
-    "REASON_STALE_CLAIM",
-    "REASON_UNCLAIMED",
-    "Republished",
-    "ServiceBeat",
-    "WorkerReconciler",
-    "publish_missing_reports",
-    "reconcile_interval",
-    "republish_stalled",
-    "take_stalled",
-]
+__all__ = ["WorkerReconciler"]
 
 
 class WorkerReconciler:

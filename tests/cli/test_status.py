@@ -30,8 +30,8 @@ from ctdx.db.models import (
     StudyVersion,
     utcnow,
 )
+from ctdx.db.reconcile import ServiceBeat
 from ctdx.db.session import make_engine, session_scope
-from ctdx.worker.reconcile import ServiceBeat
 from tests.cli.conftest import ctdx, flat
 from tests.conftest import free_port
 

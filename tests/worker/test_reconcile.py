@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select, update
 
+from ctdx.db import reconcile
 from ctdx.db.models import (
     Analysis,
     AnalysisState,
@@ -35,11 +36,10 @@ from ctdx.db.models import (
     VersionState,
     utcnow,
 )
+from ctdx.db.reconcile import PublishFailed, ServiceBeat
 from ctdx.db.session import make_engine, session_scope
 from ctdx.db.settings import Settings
 from ctdx.model_train.phantom import write_phantom_series
-from ctdx.worker import reconcile
-from ctdx.worker.reconcile import PublishFailed, ServiceBeat
 from tests.conftest import free_port, require_tool, wait_for
 from tests.report.conftest import StoreSCP
 from tests.worker.conftest import Checkpoints, WorkerProcess, analysis_settings
