@@ -27,25 +27,11 @@ from typing import Any
 
 from celery import Celery, signals
 
-from ctdx.db.broker import (
-    QUEUE,
-    TASK_PROCESS_STUDY,
-    broker_config,
-    task_id_for,
-    visibility_timeout,
-)
+from ctdx.db.broker import QUEUE
 from ctdx.db.broker import make_celery as _make_celery
 from ctdx.db.settings import Settings, load_settings
 
-__all__ = [
-    "QUEUE",
-    "TASK_PROCESS_STUDY",
-    "app",
-    "broker_config",
-    "make_celery",
-    "task_id_for",
-    "visibility_timeout",
-]
+__all__ = ["app", "make_celery"]
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -27,8 +27,9 @@ from typing import Any
 from celery import Task
 
 from ctdx.db import alerts
+from ctdx.db.broker import TASK_PROCESS_STUDY
 from ctdx.db.settings import Settings
-from ctdx.worker.celery_app import TASK_PROCESS_STUDY, app
+from ctdx.worker.celery_app import app
 from ctdx.worker.errors import TRANSIENT_ERRORS, WorkerNotReady
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import redis
 
+from ctdx.db.broker import TASK_PROCESS_STUDY, task_id_for
 from ctdx.db.models import VersionState
 from ctdx.scp.outbox import CelerySender
-from ctdx.worker.celery_app import TASK_PROCESS_STUDY, task_id_for
 from tests.conftest import free_port, require_tool
 from tests.scp.conftest import (
     RecordingSender,

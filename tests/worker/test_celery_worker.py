@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
+from ctdx.db.broker import TASK_PROCESS_STUDY, task_id_for
 from ctdx.db.models import Analysis, SliceResult, StudyVersion
 from ctdx.db.session import make_engine, session_scope
 from ctdx.db.settings import Settings
 from ctdx.model_train.method.checkpoint import read_checkpoint_meta
 from ctdx.model_train.phantom import write_phantom_series
 from ctdx.worker import claim as claims
-from ctdx.worker.celery_app import TASK_PROCESS_STUDY, make_celery, task_id_for
+from ctdx.worker.celery_app import make_celery
 from ctdx.worker.claim import ModelIdentity
 from tests.conftest import wait_for
 from tests.worker.conftest import Checkpoints, StoredStudy, WorkerProcess, analysis_settings

@@ -8,20 +8,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from ctdx.db.broker import QUEUE, TASK_PROCESS_STUDY, broker_config, visibility_timeout
 from ctdx.db.models import Analysis
 from ctdx.db.session import make_engine, session_scope
 from ctdx.db.settings import Settings, load_settings
 from ctdx.model_train.phantom import write_phantom_series
 from ctdx.worker import claim as claims
 from ctdx.worker import runtime
-from ctdx.worker.celery_app import (
-    QUEUE,
-    TASK_PROCESS_STUDY,
-    app,
-    broker_config,
-    make_celery,
-    visibility_timeout,
-)
+from ctdx.worker.celery_app import app, make_celery
 from ctdx.worker.errors import TRANSIENT_ERRORS, WorkerNotReady
 from ctdx.worker.tasks import process_study
 from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings
