@@ -1,15 +1,8 @@
-"""The Celery application, shared by the sender (the listener's outbox) and the workers.
+"""The workers' Celery application: the queue's configuration (``ctdx.db.broker``, which the
+listener's outbox uses to send) plus the workers' task and signal handlers.
 
-Import-light on purpose: no torch here. ``celery -A worker.celery_app worker``
-works, and so does ``ctdx worker``.
-
-Broker URLs:
-
-- ``redis://...`` (production): visibility timeout set longer than the task's
-  hard time limit, so Redis does not hand a slow study to a second worker.
-- ``embedded`` (or ``filesystem://``): kombu's filesystem transport under
-  ``<data_dir>/queue``; needs no server, works across processes on one machine.
-- ``memory://``: in-process only (tests).
+Import-light on purpose: no torch here. ``celery -A ctdx.worker.celery_app worker``
+works, and so does ``ctdx worker``. Broker URLs are described in ``ctdx.db.broker``.
 
 Signals (handlers import lazily; see ``ctdx.worker.runtime``): logging is ours
 (``ctdx.db.logs``, no PHI), the main process refuses a database that is not at the
