@@ -444,18 +444,20 @@ def test_redis_restarted_without_persistence_while_a_worker_runs(
     engine = make_engine(sqlite_url)
     try:
         listener = listener_process(settings)
-        worker = start_worker(settings, "ctdx", "busy", pool="prefork", command=[CTDX, "worker"])
-        wait_for(lambda: "ready." in worker.output(), timeout=120, message="worker ready")
-        wait_for(lambda: "models loaded" in worker.output(), timeout=120, message="models")
+        # Both studies are queued before the worker starts, a first: Redis hands them out in
+        # order, so the worker is busy with the long one while the short one waits. (Sending to
+        # a running worker left a window that a fast analysis of a could close before b came.)
         _send_study(tmp_path, settings.port, "a", n_slices=48, seed=31)
+        wait_for(lambda: _queued(engine, 1), timeout=60, message="study a queued")
         _send_study(tmp_path, settings.port, "b", n_slices=8, seed=32)
+        wait_for(lambda: _queued(engine, 2), timeout=60, message="both studies queued")
+        worker = start_worker(settings, "ctdx", "busy", pool="prefork", command=[CTDX, "worker"])
 
         def one_busy_one_waiting() -> bool:  # prefetch 1: one waits in Redis, not the worker
-            # both complete within a quiet period of each other: either may be taken first
-            return sorted(_states(engine)) == ["processing", "queued"]
+            return _states(engine) == ["processing", "queued"]
 
-        wait_for(one_busy_one_waiting, timeout=60, interval=0.05,
-                 message="one study analysed while the other waits in Redis")
+        wait_for(one_busy_one_waiting, timeout=240, interval=0.05,
+                 message="study a analysed while b waits in Redis")
         private_redis.restart()  # SIGKILL, then an empty Redis on the same port
         restarted_at = time.monotonic()
         _every_study_reported_once(engine, pacs, 2, attempts=1,
