@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_worker.py                  # 300-slice 512² phantom (+ real)
     .venv/bin/python benchmarks/bench_worker.py --slices 60      # smaller, quicker
     .venv/bin/python benchmarks/bench_worker.py --memory-slices 1000   # also: peak RSS, 1000 slices
+    .venv/bin/python benchmarks/bench_worker.py --isa all --json worker.json   # every ISA level
 
 Stages (each on the whole study unless marked): decode (headers, order, pixels
 to HU), segmentation (scikit-image reference slice by slice vs the batched
@@ -13,6 +14,17 @@ arbitrary share COVID-19), database write (the slice rows into SQLite). Then
 the whole worker path (``ctdx.worker.service.process_study_version``, the code a
 Celery task runs) in a fresh process, with its peak RSS. Models have random
 weights (fixed seed): timings do not depend on the weights.
+
+``--isa`` runs the network stages and the worker path in child processes whose
+CPU libraries are held to an instruction-set level (``ISA_ENV``): ``avx2`` is what
+an AVX2-only server (AMD EPYC before Zen 4, older Xeons) runs, ``avx512_core`` is
+AVX-512 without VNNI or bf16, ``native`` is whatever this CPU has. The limits bind
+oneDNN (``ONEDNN_MAX_CPU_ISA``), FBGEMM (``FBGEMM_ENABLE_INSTRUCTIONS``) and ATen's
+own kernels (``ATEN_CPU_CAPABILITY``); ONNX Runtime's MLAS kernels have no such
+switch and run natively whatever the level (the results say so). ``--json`` writes
+one record per study and level: ``worker_path_s``, ``naive_pipeline_s`` (decode +
+scikit-image segmentation slice by slice + preprocessing + fp32 eager ResNet50 and
+ResNet18 on every slice, timed in the same child), ``isa``, ``runtime``, ``slices``.
 
 The machine is named in the output; on a shared machine numbers are noisy.
 """
@@ -39,6 +51,19 @@ from machine_info import cpu_name  # noqa: E402  (benchmarks/ is on sys.path)
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "worker.md"
 REAL_SERIES = REPO.parent / "shared" / "data" / "covid-ct-md" / "COVID-19" / "P001"
+
+#: Environment of the child processes per instruction-set level; ``native`` unsets them all.
+ISA_ENV: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx512_core": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512",
+                    "ATEN_CPU_CAPABILITY": "avx512"},
+}
+ISA_LEVELS = ("native", "avx2", "avx512_core")
+#: The naive pipeline: the stages a straightforward implementation runs, summed.
+NAIVE_STAGES = ("decode", "segmentation (scikit-image)", "preprocessing",
+                "classification ResNet50 fp32", "manifestation ResNet18 fp32 (all slices)")
 
 
 def machine() -> str:
@@ -191,7 +216,7 @@ def _params(rec: Path) -> Any:
 
 
 def end_to_end(url: str, data_dir: Path, version_id: int, rec: Path, man: Path,
-               backend: str, batch_size: int) -> dict[str, Any]:
+               backend: str, batch_size: int, precision: str = "auto") -> dict[str, Any]:
     """The worker path in this (fresh) process: what one Celery task does."""
     from ctdx.db.session import make_engine
     from ctdx.db.settings import load_settings
@@ -199,7 +224,8 @@ def end_to_end(url: str, data_dir: Path, version_id: int, rec: Path, man: Path,
 
     settings = load_settings(data_dir=data_dir, database_url=url, model=rec,
                              manifestation_model=man, segmentation_backend=backend,
-                             batch_size=batch_size, device="auto", broker_url="memory://")
+                             batch_size=batch_size, device="auto", broker_url="memory://",
+                             precision=precision)
     load_seconds, models = timed(lambda: runtime.get_models(settings))
     engine = make_engine(url)
     seconds, result = timed(lambda: service.process_study_version(engine, settings, models,
@@ -219,9 +245,17 @@ def end_to_end(url: str, data_dir: Path, version_id: int, rec: Path, man: Path,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_child(args: list[str]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
-                          text=True, cwd=REPO)
+def isa_environment(isa: str) -> dict[str, str]:
+    """This process's environment with the CPU libraries held to ``isa`` (see ``ISA_ENV``)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in {name for level in ISA_ENV.values() for name in level}}
+    env.update(ISA_ENV[isa])
+    return env
+
+
+def run_child(args: list[str], isa: str = "native", flag: str = "--child") -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, flag, *args], capture_output=True,
+                          text=True, cwd=REPO, env=isa_environment(isa))
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -239,12 +273,25 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true",
                         help="only the --memory-slices run, appended to the results file")
     parser.add_argument("--no-real", action="store_true", help="skip the real series")
+    parser.add_argument("--isa", choices=(*ISA_LEVELS, "all"), default="native",
+                        help="instruction-set level of the network stages and the worker path "
+                             "(child processes; `all` runs each level)")
+    parser.add_argument("--precision", default="auto",
+                        help="CTDX_PRECISION of the worker path (default auto)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the results (per study and ISA level) to this file")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--child-stages", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        url, data_dir, version, rec, man, backend, batch = args.child
+        url, data_dir, version, rec, man, backend, batch, precision = args.child
         print(json.dumps(end_to_end(url, Path(data_dir), int(version), Path(rec), Path(man),
-                                    backend, int(batch))))
+                                    backend, int(batch), precision)))
+        return
+    if args.child_stages is not None:
+        job = json.loads(args.child_stages)
+        print(json.dumps(stage_table([Path(f) for f in job["files"]], Path(job["rec"]),
+                                     Path(job["man"]), job["bf16_sample"], job["batch_size"])))
         return
 
     from ctdx.model_train.phantom import write_phantom_series
@@ -261,18 +308,30 @@ def main() -> None:
     if REAL_SERIES.is_dir() and not args.no_real and not args.memory_only:
         studies["covid-ct-md P001 (JPEG lossless)"] = sorted(REAL_SERIES.glob("*.dcm"))
 
+    levels = ISA_LEVELS if args.isa == "all" else (args.isa,)
     report: list[str] = []
+    records: list[dict[str, Any]] = []
     for name, files in studies.items():
         print(f"\n== {name}: {len(files)} files")
-        stages = stage_table(files, rec, man, args.bf16_sample, args.batch_size)
         slug = name.split()[0] + str(len(files))
         workdir = work / slug
         workdir.mkdir()
-        url, version = store_series(workdir, files)
-        e2e = run_child([url, str(workdir / "data"), str(version), str(rec), str(man), "torch",
-                         str(args.batch_size)])
-        report.append(render(name, stages, e2e))
-        print(report[-1])
+        for isa in levels:
+            print(f"-- ISA {isa} {ISA_ENV[isa] or '(unrestricted)'}")
+            job = {"files": [str(f) for f in files], "rec": str(rec), "man": str(man),
+                   "bf16_sample": args.bf16_sample, "batch_size": args.batch_size}
+            stages = run_child([json.dumps(job)], isa, flag="--child-stages")
+            # a fresh database per run: the worker path analyses each study version once
+            run_dir = workdir / isa
+            run_dir.mkdir()
+            run_url, run_version = store_series(run_dir, files)
+            e2e = run_child([run_url, str(run_dir / "data"), str(run_version), str(rec),
+                             str(man), "torch", str(args.batch_size), args.precision], isa)
+            report.append(render(name if isa == "native" else f"{name}, ISA {isa}", stages, e2e))
+            records.append(record(name, isa, stages, e2e))
+            print(report[-1])
+    if len(records) > 1 or args.isa != "native":
+        report.insert(0, isa_summary(records))
     if args.memory_slices:
         big = write_phantom_series(work / "big", "normal", n_slices=args.memory_slices,
                                    size=args.size, seed=1)
@@ -280,7 +339,7 @@ def main() -> None:
         workdir.mkdir()
         url, version = store_series(workdir, list(big.paths))
         e2e = run_child([url, str(workdir / "data"), str(version), str(rec), str(man), "torch",
-                         str(args.batch_size)])
+                         str(args.batch_size), args.precision])
         t = e2e["timings"]
         line = (f"\n### Memory: {args.memory_slices}-slice {args.size}² phantom\n\n"
                 f"Worker path (ResNet50 + ResNet18, batch {args.batch_size}): peak RSS "
@@ -290,6 +349,48 @@ def main() -> None:
         report.append(line)
         print(line)
     write_results(about, report, append=args.memory_only)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"machine": about, "load_average_end": os.getloadavg(),
+                                         "results": records}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def record(study: str, isa: str, s: dict[str, float], e2e: dict[str, Any]) -> dict[str, Any]:
+    """One study at one ISA level, for ``--json``."""
+    naive = sum(s[k] for k in NAIVE_STAGES)
+    return {
+        "study": study, "isa": isa, "isa_env": ISA_ENV[isa], "runtime": e2e["device"],
+        "slices": int(s["slices"]), "slices_analysed": e2e["slices_analysed"],
+        "worker_path_s": round(e2e["seconds"], 3), "naive_pipeline_s": round(naive, 3),
+        "speedup_vs_naive": round(naive / e2e["seconds"], 2),
+        "naive_stages_s": {k: round(s[k], 3) for k in NAIVE_STAGES},
+        "stages_s": {k: round(v, 4) for k, v in s.items()},
+        "worker_timings_s": e2e["timings"], "model_load_s": round(e2e["model_load"], 3),
+        "peak_rss_mb": round(e2e["peak_rss_mb"]), "outcome": e2e["outcome"],
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def isa_summary(records: list[dict[str, Any]]) -> str:
+    """The per-ISA table at the top of the results."""
+    lines = ["### Per instruction-set level", "",
+             "| study | ISA (env of the child) | worker path | naive pipeline | speed-up | "
+             "ResNet50 int8 / fp32 ms/slice | runtime (as reported) |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in records:
+        st, n = r["stages_s"], r["slices"]
+        env = ", ".join(f"{k}={v}" for k, v in r["isa_env"].items()) or "unrestricted"
+        lines.append(
+            f"| {r['study']} | {r['isa']} ({env}) | **{r['worker_path_s']:.1f} s** | "
+            f"{r['naive_pipeline_s']:.1f} s | {r['speedup_vs_naive']:.1f}x | "
+            f"{1e3 * st['classification ResNet50 int8'] / n:.1f} / "
+            f"{1e3 * st['classification ResNet50 fp32'] / n:.1f} | {r['runtime']} |")
+    lines += ["", "Naive pipeline: decode + scikit-image segmentation slice by slice + "
+              "preprocessing + fp32 eager ResNet50 and ResNet18 (every slice), timed in the same "
+              "child as the other stages. ONNX Runtime's kernels (MLAS) ignore these "
+              "variables: where a run serves through ONNX Runtime, its network times are "
+              "this CPU's native ones at every level.", ""]
+    return "\n".join(lines)
 
 
 def render(name: str, s: dict[str, float], e2e: dict[str, Any]) -> str:
