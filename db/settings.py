@@ -209,11 +209,14 @@ class Settings(BaseSettings):
         32, ge=1, description="Slices per batch through segmentation and the networks."
     )
     device: str = Field("auto", description="`auto` (GPU when present), `cpu` or `cuda[:N]`.")
-    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "int8", "ort-int8"] = Field(
         "auto",
         description=(
             "Network precision: `auto` = bf16 on a GPU; on a CPU the checkpoint's checked int8 "
-            "weights when it has them, else bf16 where native and faster, else fp32."
+            "weights when it has them, else bf16 where native and faster, else fp32. With both "
+            "PyTorch and ONNX Runtime int8 in the checkpoint, `auto` serves the one faster on "
+            "this host (timed at worker start, cached in `<data_dir>/cpu-runtime.json`); "
+            "`int8` / `ort-int8` force PyTorch's / ONNX Runtime's."
         ),
     )
     task_time_limit: int = Field(

@@ -11,7 +11,10 @@ With ``int8=True`` the checkpoint also carries int8 weights for CPU serving
 (``ctdx.model_train.method.quantize``): calibrated on the run's training slices and
 checked against fp32 on its validation and test slices (read from the run's
 preprocessing cache); the export fails when they agree less than
-``min_agreement``. The split is the one the run recorded (``split.json``), never
+``min_agreement``. Where ``onnx`` and ``onnxruntime`` are installed, an ONNX Runtime
+int8 model is made from the same slices and checked by the same gate
+(``ctdx.model_train.method.onnx_runtime``); the worker serves whichever is faster on
+its host. The split is the one the run recorded (``split.json``), never
 rebuilt from the configuration (``split_file`` overrides it).
 
 ``RUN`` is either one run folder (``.../<task>/<network>/fold-<k>``) or the root
@@ -35,7 +38,12 @@ import torch
 from torch import nn
 
 from ctdx.model_train.config import Config, NetworkSpec, config_from_dict
-from ctdx.model_train.method.checkpoint import CheckpointMeta, Int8Weights, save_checkpoint
+from ctdx.model_train.method.checkpoint import (
+    CheckpointMeta,
+    Int8Weights,
+    OnnxInt8,
+    save_checkpoint,
+)
 from ctdx.model_train.method.classes import Task
 from ctdx.model_train.method.networks import build_resnet
 from ctdx.model_train.metrics import mean_sd
@@ -132,9 +140,10 @@ def export_run(
         task=run_task, arch=spec.arch, model_name=name, model_version=model_version,
         training_data=_plain(training_data), preprocess=config.preprocess_params(),
     )
-    weights8 = _run_int8(model, config, run_task, run_split(run, split_file, config, run_task),
-                         min_agreement) if int8 else None
-    save_checkpoint(out, model, meta, int8=weights8)
+    weights8, onnx8 = _run_int8(model, config, run_task,
+                                run_split(run, split_file, config, run_task),
+                                min_agreement) if int8 else (None, None)
+    save_checkpoint(out, model, meta, int8=weights8, onnx_int8=onnx8)
     logger.info("exported %s as %s %s (uid %s)", run, name, model_version, meta.model_uid)
     return Exported(Path(out), meta, run)
 
@@ -161,34 +170,49 @@ def run_split(run: Path, split_file: Path | None, config: Config, task: Task) ->
 
 
 def _run_int8(model: nn.Module, config: Config, task: Task, split: Split,
-              min_agreement: float) -> Int8Weights:
+              min_agreement: float) -> tuple[Int8Weights, OnnxInt8 | None]:
     """int8 weights from the run's own split: train slices calibrate, held-out slices check
-    (the training slices when the split has no validation or test set)."""
+    (the training slices when the split has no validation or test set). The ONNX Runtime
+    model is made likewise where ``onnx`` and ``onnxruntime`` are installed, else None."""
+    import importlib.util
+
     from ctdx.model_train.data import SliceSet, load_task_data, task_manifest
-    from ctdx.model_train.int8 import int8_weights
+    from ctdx.model_train.int8 import int8_weights, onnx_int8_weights
+    from ctdx.model_train.method.quantize import QuantizationError
 
     params = config.preprocess_params()
     manifest = task_manifest(config, task)
     data = load_task_data(config, task, split, manifest, params)
     fold = split.fold
     if len(data.validation) + len(data.test) == 0:
-        return int8_weights(model, params, data.train, data.train,
-                            calibration_source=f"training set of fold {fold}",
-                            evaluation_source=f"training set of fold {fold} (no held-out "
-                                              f"set in the split; {len(data.train)} slices)",
-                            min_agreement=min_agreement, seed=config.split.seed)
-    held_out = SliceSet(
-        torch.cat([data.validation.gray, data.test.gray]),
-        torch.cat([data.validation.labels, data.test.labels]),
-        data.validation.subjects + data.test.subjects,
-        data.validation.studies + data.test.studies,
-        data.validation.paths + data.test.paths,
-    )
-    return int8_weights(model, params, data.train, held_out,
-                        calibration_source=f"training set of fold {fold}",
-                        evaluation_source=f"validation and test sets of fold {fold} "
-                                          f"({len(held_out)} slices)",
-                        min_agreement=min_agreement, seed=config.split.seed)
+        held_out = data.train
+        evaluation_source = (f"training set of fold {fold} (no held-out set in the split; "
+                             f"{len(data.train)} slices)")
+    else:
+        held_out = SliceSet(
+            torch.cat([data.validation.gray, data.test.gray]),
+            torch.cat([data.validation.labels, data.test.labels]),
+            data.validation.subjects + data.test.subjects,
+            data.validation.studies + data.test.studies,
+            data.validation.paths + data.test.paths,
+        )
+        evaluation_source = f"validation and test sets of fold {fold} ({len(held_out)} slices)"
+    weights = int8_weights(model, params, data.train, held_out,
+                           calibration_source=f"training set of fold {fold}",
+                           evaluation_source=evaluation_source,
+                           min_agreement=min_agreement, seed=config.split.seed)
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+        logger.info("no ONNX Runtime int8 model: onnx / onnxruntime are not installed")
+        return weights, None
+    try:
+        onnx = onnx_int8_weights(model, params, data.train, held_out,
+                                 calibration_source=f"training set of fold {fold}",
+                                 evaluation_source=evaluation_source,
+                                 min_agreement=min_agreement, seed=config.split.seed)
+    except QuantizationError as exc:  # optional: the checked torch int8 weights still serve
+        logger.warning("ONNX Runtime int8 model not exported: %s", exc)
+        return weights, None
+    return weights, onnx
 
 
 def _plain(value: Any) -> Any:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ctdx.model_train.data import SliceSet
-from ctdx.model_train.method.checkpoint import Int8Weights
+from ctdx.model_train.method.checkpoint import Int8Weights, OnnxInt8
 from ctdx.model_train.method.preprocess import PreprocessParams, gray_from_uint8, to_network_input
 from ctdx.model_train.method.quantize import make_int8
 
@@ -33,6 +33,15 @@ def _batches(gray: Tensor, params: PreprocessParams, batch_size: int = 32) -> It
         yield x.contiguous(memory_format=torch.channels_last)
 
 
+def _calibration_pick(n: int, calibration_slices: int, seed: int) -> np.ndarray:
+    """Indices of the calibration sample (the same for both int8 runtimes)."""
+    pick = np.arange(n)
+    if n > calibration_slices:
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=calibration_slices,
+                                                          replace=False))
+    return pick
+
+
 def int8_weights(
     model: nn.Module,
     params: PreprocessParams,
@@ -46,11 +55,7 @@ def int8_weights(
 ) -> Int8Weights:
     """Calibrate ``model`` on up to ``calibration_slices`` random slices of ``calibration`` and
     check it on all of ``evaluation``; raises ``QuantizationError`` below ``min_agreement``."""
-    n = len(calibration)
-    pick = np.arange(n)
-    if n > calibration_slices:
-        pick = np.sort(np.random.default_rng(seed).choice(n, size=calibration_slices,
-                                                          replace=False))
+    pick = _calibration_pick(len(calibration), calibration_slices, seed)
     calib_gray = calibration.gray[torch.from_numpy(pick)]
     state, report = make_int8(
         model.to("cpu").eval(),
@@ -65,3 +70,32 @@ def int8_weights(
     logger.info("int8 weights: %s; largest probability difference %.3f",
                 report.summary(), report.max_probability_difference)
     return Int8Weights(state_dict=state, report=report)
+
+
+def onnx_int8_weights(
+    model: nn.Module,
+    params: PreprocessParams,
+    calibration: SliceSet,
+    evaluation: SliceSet,
+    calibration_source: str,
+    evaluation_source: str,
+    calibration_slices: int = DEFAULT_CALIBRATION_SLICES,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    seed: int = 0,
+) -> OnnxInt8:
+    """The ONNX Runtime int8 model of ``model``: the same calibration sample, preprocessing
+    and agreement gate as :func:`int8_weights` (needs ``pip install 'ctdx[onnx]'``)."""
+    from ctdx.model_train.method.onnx_runtime import make_onnx_int8
+
+    pick = _calibration_pick(len(calibration), calibration_slices, seed)
+    weights = make_onnx_int8(
+        model.to("cpu").eval(),
+        _batches(calibration.gray[torch.from_numpy(pick)], params),
+        _batches(evaluation.gray, params),
+        size=params.size,
+        channels=params.channels,
+        calibration_source=f"{calibration_source} ({len(pick)} random slices)",
+        evaluation_source=evaluation_source,
+        min_agreement=min_agreement,
+    )
+    return weights

@@ -10,7 +10,8 @@ models once, never per task.
 
 The device is the GPU when ``CTDX_DEVICE=auto`` finds one (bf16, channels-last;
 see ``ctdx.model_train.method.inference``), the CPU otherwise; it is reported with
-every analysis.
+every analysis, with the runtime that served (on a CPU with a checkpoint carrying
+both int8 runtimes, the faster on this host: ``cpu_runtime_cache``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
@@ -116,6 +118,12 @@ def get_models(settings: Settings) -> Models:
         return models
 
 
+def cpu_runtime_cache(settings: Settings) -> Path:
+    """Where ``CTDX_PRECISION=auto`` remembers which int8 runtime was faster on this host, per
+    model (``ctdx.model_train.method.cpu_runtime``)."""
+    return settings.data_dir / "cpu-runtime.json"
+
+
 def _load(settings: Settings) -> Models:
     if settings.model is None:
         raise WorkerNotReady("no recognition model configured (CTDX_MODEL)")
@@ -131,12 +139,12 @@ def _load(settings: Settings) -> Models:
     try:
         recognition = SliceClassifier.from_checkpoint(
             settings.model, task="recognition", device=settings.device,
-            precision=settings.precision,
+            precision=settings.precision, choice_cache=cpu_runtime_cache(settings),
         )
         manifestation = (
             SliceClassifier.from_checkpoint(
                 settings.manifestation_model, task="manifestation", device=settings.device,
-                precision=settings.precision,
+                precision=settings.precision, choice_cache=cpu_runtime_cache(settings),
             )
             if settings.manifestation_model
             else None

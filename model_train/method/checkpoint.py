@@ -149,21 +149,32 @@ class Int8Weights:
 
 
 @dataclass(frozen=True)
+class OnnxInt8:
+    """Optional ONNX Runtime int8 model of a checkpoint (``ctdx.model_train.method.onnx_runtime``):
+    the serialised ONNX graph and how it was calibrated and checked."""
+
+    model: bytes
+    report: Int8Report
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A network in eval mode on its device, and the metadata it was saved with."""
 
     model: nn.Module
     meta: CheckpointMeta
     int8: Int8Weights | None = None
+    onnx_int8: OnnxInt8 | None = None
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta,
-                    int8: Int8Weights | None = None) -> None:
+                    int8: Int8Weights | None = None, onnx_int8: OnnxInt8 | None = None) -> None:
     """Write ``model``'s weights (as float32, on CPU) with ``meta`` to ``path`` atomically.
 
     Refuses a model whose weights do not fit ``meta.arch`` with
     ``len(meta.class_names)`` outputs, so a written checkpoint always loads.
-    ``int8``, when given, is stored beside them (key ``int8``: its state and report).
+    ``int8``, when given, is stored beside them (key ``int8``: its state and report), and
+    ``onnx_int8`` likewise (key ``onnx_int8``: the ONNX bytes as a uint8 tensor and its report).
     """
     state = {
         k: (v.detach().to("cpu").float() if v.is_floating_point() else v.detach().to("cpu"))
@@ -179,6 +190,11 @@ def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta,
     if int8 is not None:
         # the state_dict object itself: its _metadata holds the quantised modules' versions
         payload["int8"] = {"state_dict": int8.state_dict, "report": int8.report.to_dict()}
+    if onnx_int8 is not None:
+        payload["onnx_int8"] = {
+            "model": torch.frombuffer(bytearray(onnx_int8.model), dtype=torch.uint8),
+            "report": onnx_int8.report.to_dict(),
+        }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -361,11 +377,12 @@ def load_checkpoint(path: Path, task: Task, device: str | torch.device = "cpu") 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
     int8 = _int8_from_payload(payload, path)
+    onnx_int8 = _onnx_int8_from_payload(payload, path)
     logger.info(
         "loaded %s model %s %s (uid %s, %s) on %s",
         meta.task, meta.model_name, meta.model_version, meta.model_uid, meta.arch, device,
     )
-    return LoadedModel(model=model, meta=meta, int8=int8)
+    return LoadedModel(model=model, meta=meta, int8=int8, onnx_int8=onnx_int8)
 
 
 def _int8_from_payload(payload: Mapping[str, Any], path: Path) -> Int8Weights | None:
@@ -379,3 +396,17 @@ def _int8_from_payload(payload: Mapping[str, Any], path: Path) -> Int8Weights | 
     except QuantizationError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     return Int8Weights(state_dict=raw["state_dict"], report=report)
+
+
+def _onnx_int8_from_payload(payload: Mapping[str, Any], path: Path) -> OnnxInt8 | None:
+    raw = payload.get("onnx_int8")
+    if raw is None:
+        return None
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, torch.Tensor) or model.dtype != torch.uint8 or model.ndim != 1:
+        raise CheckpointError(f"{path}: its onnx_int8 entry is malformed (no uint8 model)")
+    try:
+        report = Int8Report.from_dict(raw.get("report") or {})
+    except QuantizationError as exc:
+        raise CheckpointError(f"{path}: onnx_int8: {exc}") from exc
+    return OnnxInt8(model=model.numpy().tobytes(), report=report)

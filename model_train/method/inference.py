@@ -21,6 +21,13 @@ Device and precision:
   against 66 ms in fp32 on the AVX-512 VNNI VM. ``"int8"`` insists on it (and
   fails on a GPU or without int8 weights).
 - Channels-last is used on every device (fp32 on the AVX2 CPU: 121 -> 92 ms/slice).
+- A checkpoint may also carry an ONNX Runtime int8 model, calibrated and checked
+  the same way (``ctdx.model_train.method.onnx_runtime``). With both, ``"auto"``
+  on the CPU times the two int8 runtimes on this host and serves the faster
+  (``ctdx.model_train.method.cpu_runtime``; cached per host and model in
+  ``choice_cache``); ``"ort-int8"`` insists on ONNX Runtime. PyTorch's int8 gains
+  little without VNNI (issue 19: 51.6 ms/slice on an AVX2-only EPYC), which is why
+  the choice is measured rather than assumed.
 
 Probabilities are always computed in float32 from the logits (softmax of bf16
 logits would quantise them).
@@ -40,13 +47,15 @@ from torch import Tensor, nn
 
 from ctdx.model_train.method.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
 from ctdx.model_train.method.classes import Task
+from ctdx.model_train.method.cpu_runtime import Int8Runtime, choose_int8_runtime
+from ctdx.model_train.method.onnx_runtime import OrtModule, onnxruntime_available
 from ctdx.model_train.method.quantize import Int8Report, load_int8
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "int8", "auto"]
+Precision = Literal["fp32", "bf16", "int8", "ort-int8", "auto"]
 ResolvedPrecision = Literal["fp32", "bf16", "int8"]
-PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "int8")
+PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "int8", "ort-int8")
 
 #: bf16 is kept on the CPU only if the probe shows it at least this much faster.
 _BF16_MIN_SPEEDUP = 1.15
@@ -108,6 +117,7 @@ class SliceClassifier:
         loaded: LoadedModel,
         device: str | torch.device = "auto",
         precision: Precision = "auto",
+        choice_cache: Path | None = None,
     ) -> None:
         self.meta: CheckpointMeta = loaded.meta
         self.device = resolve_device(device)
@@ -115,13 +125,10 @@ class SliceClassifier:
             memory_format=torch.channels_last
         )
         self.int8_report: Int8Report | None = None
+        self.runtime: Int8Runtime | None = None  # which int8 runtime serves, if int8
         self.precision: ResolvedPrecision = self._choose_precision(precision, loaded)
         if self.precision == "int8":
-            assert loaded.int8 is not None
-            p = self.meta.preprocess
-            self.model = load_int8(self.meta.arch, len(self.meta.class_names), p.size,
-                                   p.channels, loaded.int8.state_dict)
-            self.int8_report = loaded.int8.report
+            self._load_int8(precision, loaded, choice_cache)
         logger.info(
             "slice classifier %s %s ready: %s",
             self.meta.model_name, self.meta.model_version, self.device_description,
@@ -130,15 +137,68 @@ class SliceClassifier:
     @classmethod
     def from_checkpoint(
         cls, path: Path, task: Task, device: str | torch.device = "auto",
-        precision: Precision = "auto",
+        precision: Precision = "auto", choice_cache: Path | None = None,
     ) -> SliceClassifier:
         """Load ``path`` (refusing a mismatching checkpoint) and wrap it."""
         resolved = resolve_device(device)
-        return cls(load_checkpoint(path, task=task, device=resolved), resolved, precision)
+        return cls(load_checkpoint(path, task=task, device=resolved), resolved, precision,
+                   choice_cache)
+
+    def _int8_runtimes(self, loaded: LoadedModel) -> list[Int8Runtime]:
+        runtimes: list[Int8Runtime] = []
+        if loaded.int8 is not None:
+            runtimes.append("torch")
+        if loaded.onnx_int8 is not None and onnxruntime_available():
+            runtimes.append("onnxruntime")
+        return runtimes
+
+    def _load_int8(self, precision: Precision, loaded: LoadedModel,
+                   choice_cache: Path | None) -> None:
+        """Serve int8: the runtime asked for, the only one there is, or the faster here."""
+        p = self.meta.preprocess
+        forced: dict[str, list[Int8Runtime]] = {"int8": ["torch"], "ort-int8": ["onnxruntime"]}
+        runtimes = forced.get(precision) or self._int8_runtimes(loaded)
+        models: dict[Int8Runtime, nn.Module] = {}
+        if "torch" in runtimes:
+            assert loaded.int8 is not None
+            models["torch"] = load_int8(self.meta.arch, len(self.meta.class_names), p.size,
+                                        p.channels, loaded.int8.state_dict)
+        if "onnxruntime" in runtimes:
+            assert loaded.onnx_int8 is not None
+            models["onnxruntime"] = OrtModule(loaded.onnx_int8.model)
+        if len(models) == 1:
+            (self.runtime,) = models
+        else:
+            choice = choose_int8_runtime(models, self.meta.model_uid, p.size, p.channels,
+                                         choice_cache)
+            self.runtime = choice.runtime
+            logger.info(
+                "int8 runtime probe%s for %s: %s -> %s", " (cached)" if choice.cached else "",
+                self.meta.model_name,
+                ", ".join(f"{k} {v:.1f} ms/slice" for k, v in choice.ms_per_slice.items()),
+                choice.runtime,
+            )
+        self.model = models[self.runtime]
+        weights = loaded.onnx_int8 if self.runtime == "onnxruntime" else loaded.int8
+        assert weights is not None
+        self.int8_report = weights.report
 
     def _choose_precision(self, precision: Precision, loaded: LoadedModel) -> ResolvedPrecision:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "ort-int8":
+            if self.device.type != "cpu":
+                raise ValueError(f"precision ort-int8 runs on the CPU only, not on {self.device}")
+            if loaded.onnx_int8 is None:
+                raise ValueError(
+                    f"precision ort-int8 asked, but the {self.meta.task} checkpoint has no ONNX "
+                    "Runtime int8 model: export it with `ctdx train export --int8` where "
+                    "onnxruntime is installed (pip install 'ctdx[onnx]')"
+                )
+            if not onnxruntime_available():
+                raise ValueError("precision ort-int8 asked, but onnxruntime is not installed "
+                                 "(pip install 'ctdx[onnx]')")
+            return "int8"
         if precision == "int8":
             if self.device.type != "cpu":
                 raise ValueError(f"precision int8 runs on the CPU only, not on {self.device}")
@@ -154,7 +214,7 @@ class SliceClassifier:
             return precision
         if self.device.type == "cuda":
             return "bf16"
-        if self.device.type == "cpu" and loaded.int8 is not None:
+        if self.device.type == "cpu" and self._int8_runtimes(loaded):
             return "int8"
         if self.device.type != "cpu" or not cpu_has_native_bf16():
             return "fp32"
@@ -188,6 +248,8 @@ class SliceClassifier:
         if self.int8_report is not None:
             r = self.int8_report
             mode = f"int8 {r.backend} (agreement {r.argmax_agreement:.3f})"
+        if self.runtime == "onnxruntime":  # the backend names the runtime and its version
+            return f"{where}, {mode}"
         return f"{where}, {mode}, channels-last, torch {torch.__version__}"
 
     def predict(self, batch: Tensor) -> NDArray[np.float32]:
