@@ -15,8 +15,11 @@ finds it done. Not per fragment: for a 512 kB slice that was five more system
 calls (and GIL hand-offs) per instance and measured 10-20% slower receiving.
 The fast path (:mod:`ctdx.scp.fastpath`) writes through the same class
 (:class:`ReceivedFile`).
-Each chunk is also hashed as it is written (:func:`take_digest`), so the
-handler does not read the whole file back to compute its SHA-256.
+pynetdicom's files are also hashed as they are written (:func:`take_digest`), so
+the handler does not read them back to compute their SHA-256. The fast path's
+files are not: the store hashes them from the page cache on another thread
+while this one waits for their fsync (:meth:`ctdx.scp.spool.Spool.seal_new`), which
+takes the hash off the critical path of a sender waiting for its response.
 
 A file the store never took (the association ended mid-data-set, or the
 command was not decodable) is deleted when its association's connection
@@ -107,7 +110,7 @@ def take_digest(path: Path) -> Digest | None:
     """
     with _digests_lock:
         writer = _digests.pop(str(path), None)
-    if writer is None or writer.broken:
+    if writer is None or writer.broken or writer.hash is None:
         return None
     try:
         size = os.fstat(writer.fd).st_size
@@ -121,13 +124,13 @@ def take_digest(path: Path) -> Digest | None:
 class _WritebackFile:
     """The file object pynetdicom writes to: hashes what is appended, starts write-back."""
 
-    def __init__(self, file: IO[bytes], name: str) -> None:
+    def __init__(self, file: IO[bytes], name: str, hashing: bool = True) -> None:
         self._file = file
         self._fd = file.fileno()
         self.fd = self._fd
         self.name = name
         self.owner = threading.get_ident()  # the association's receiving (DUL) thread
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if hashing else None
         self.size = 0
         self._unsynced = 0
         self.broken = False
@@ -138,7 +141,8 @@ class _WritebackFile:
         written = self._file.write(data)
         if written != len(data):
             self.broken = True
-        self.hash.update(data)
+        if self.hash is not None:
+            self.hash.update(data)
         self.size += len(data)
         self._unsynced += len(data)
         return written
@@ -163,11 +167,12 @@ class _WritebackFile:
 class ReceivedFile:
     """A new temporary file in the incoming folder, written like pynetdicom's (the fast path's).
 
-    Same prefix (so a crash's leftover is swept), same digest while writing,
-    same write-back; no ``tempfile`` wrapper.
+    Same prefix (so a crash's leftover is swept), same write-back; no
+    ``tempfile`` wrapper. Hashed while written only when ``hashing`` (the fast
+    path leaves the hash to the store, see the module's docstring).
     """
 
-    def __init__(self, incoming: Path) -> None:
+    def __init__(self, incoming: Path, hashing: bool = False) -> None:
         while True:
             path = incoming / f"{TEMP_PREFIX}{secrets.token_hex(8)}.dcm"
             try:
@@ -176,7 +181,7 @@ class ReceivedFile:
                 continue
             break
         self.path = path
-        self._writer = _WritebackFile(raw, str(path))
+        self._writer = _WritebackFile(raw, str(path), hashing)
 
     def write(self, data: bytes | memoryview) -> None:
         self._writer.write(data)  # type: ignore[arg-type]

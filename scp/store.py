@@ -8,8 +8,8 @@ Order, so that success is only ever answered for what survives a crash:
 3. a committed row under the SOP Instance UID makes this a duplicate (below);
 4. the received file is linked as ``.unindexed/<SOP Instance UID>`` (exclusive:
    the claim while its row is pending) and under its final name (a hard link,
-   which never replaces a file already there); it is fsynced, then both
-   directories;
+   which never replaces a file already there); it and both directories are
+   fsynced (at once, :meth:`~ctdx.scp.spool.Spool.seal_new`);
 5. success. Its row is written by the process's :class:`~scp.recorder.Recorder`
    (batched with other associations', one commit), which then removes the
    ``.unindexed`` link; start-up recovery records any link a crash left.
@@ -141,11 +141,13 @@ class InstanceStore:
                 if existing is not None:
                     self.spool.unmark_if_same(received, uid)
                     return self._duplicate(received, header, existing, known)
-            sealed = self.spool.seal(received, known)
-            if not linked:
+            if linked:  # the usual case: fsyncs (and hash) at once
+                sealed = self.spool.seal_new(received, relative, known)
+            else:
                 # a file without row or claim: a crash's leftover, never acknowledged
+                sealed = self.spool.seal(received, known)
                 self.spool.place(received, relative)
-            self.spool.sync_marked(relative)
+                self.spool.sync_marked(relative)
         except Rejected:
             self.spool.unmark_if_same(received, uid)
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 from datetime import timedelta
 from io import BytesIO
@@ -19,7 +21,7 @@ from ctdx.db.session import make_engine, session_scope
 from ctdx.scp.completion import complete_quiet, drop_dead_leases
 from ctdx.scp.header_scan import HeaderError, scan_header
 from ctdx.scp.instance import read_instance_header
-from ctdx.scp.spool import Spool
+from ctdx.scp.spool import Sealed, Spool
 from ctdx.scp.status import Rejected, Status
 from ctdx.scp.uids import InvalidUid, validate_uid
 from tests.scp.conftest import phantom
@@ -175,3 +177,46 @@ def test_leases_hold_completion_and_dead_holders_are_dropped(db_url: str) -> Non
             assert complete_quiet(s, version_id, now + timedelta(seconds=31), 1.0) is True
     finally:
         engine.dispose()
+
+
+def test_seal_new_fsyncs_the_file_and_both_directories_and_hashes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Success follows only when the file, its final directory and ``.unindexed`` are all
+    fsynced: the three run at once (and the hash beside them), none may be skipped."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    received = spool.incoming / "rx-new"
+    payload = os.urandom(300_000)
+    received.write_bytes(payload)
+    assert spool.mark(received, "5.6") and spool.link_new(received, "1.2/3.4/5.6.dcm")
+    synced: list[tuple[int, int]] = []  # (device, inode) of each fsynced descriptor
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        synced.append((info.st_dev, info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    sealed = spool.seal_new(received, "1.2/3.4/5.6.dcm")
+    assert sealed == Sealed(len(payload), hashlib.sha256(payload).hexdigest())
+
+    def identity(path: Path) -> tuple[int, int]:
+        info = path.stat()
+        return info.st_dev, info.st_ino
+
+    assert sorted(synced) == sorted([identity(received), identity(spool.unindexed),
+                                     identity(spool.path_of("1.2/3.4"))])
+    known = Sealed(1, "given")  # a digest taken while writing is not computed again
+    assert spool.seal_new(received, "1.2/3.4/5.6.dcm", known) is known
+
+    def failing_fsync(fd: int) -> None:
+        if os.path.samefile(f"/proc/self/fd/{fd}", spool.unindexed):
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError) as raised:  # a failed directory fsync is no success
+        spool.seal_new(received, "1.2/3.4/5.6.dcm")
+    assert raised.value.errno == errno.EIO
