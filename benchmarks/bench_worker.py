@@ -101,10 +101,12 @@ def _phantom_slices(seed: int, n: int) -> Any:
 
 def make_checkpoints(out: Path) -> tuple[Path, Path]:
     """Random-init ResNet50/ResNet18 checkpoints (timing does not depend on the weights), with
-    int8 weights calibrated on 48 slices of another phantom and checked on 24 more."""
-    from ctdx.model_train.int8 import int8_weights
+    int8 weights (PyTorch's, and ONNX Runtime's where installed) calibrated on the slices of
+    one phantom and checked on another's."""
+    from ctdx.model_train.int8 import int8_weights, onnx_int8_weights
     from ctdx.model_train.method.checkpoint import CheckpointMeta, save_checkpoint
     from ctdx.model_train.method.networks import build_resnet
+    from ctdx.model_train.method.onnx_runtime import onnxruntime_available
     from ctdx.model_train.method.preprocess import PreprocessParams
 
     torch.manual_seed(0)
@@ -116,8 +118,11 @@ def make_checkpoints(out: Path) -> tuple[Path, Path]:
             model = build_resnet(arch).eval()
             int8 = int8_weights(model, PreprocessParams(), calib, check, "phantom seed 1",
                                 "phantom seed 2", min_agreement=0.0)
+            onnx8 = onnx_int8_weights(model, PreprocessParams(), calib, check, "phantom seed 1",
+                                      "phantom seed 2", min_agreement=0.0) \
+                if onnxruntime_available() else None
             save_checkpoint(path, model, CheckpointMeta.new(task, arch, f"bench-{arch}", "0"),
-                            int8=int8)
+                            int8=int8, onnx_int8=onnx8)
     return rec, man
 
 
@@ -206,6 +211,19 @@ def stage_table(files: list[Path], rec: Path, man: Path, bf16_sample: int,
     m18q = SliceClassifier.from_checkpoint(man, "manifestation", device="cpu", precision="int8")
     classify(m18q, x[:2])
     out["manifestation ResNet18 int8 (all slices)"], _ = timed(lambda: classify(m18q, x))
+    from ctdx.model_train.method.checkpoint import load_checkpoint
+    from ctdx.model_train.method.onnx_runtime import onnxruntime_available
+
+    if onnxruntime_available() and load_checkpoint(rec, "recognition").onnx_int8 is not None:
+        ort = SliceClassifier.from_checkpoint(rec, "recognition", device="cpu",
+                                              precision="ort-int8")
+        classify(ort, x[:2])
+        out["classification ResNet50 ort-int8"], po = timed(lambda: classify(ort, x))
+        out["ort-int8 argmax agreement"] = float((po.argmax(1) == p32.argmax(1)).mean())
+        m18o = SliceClassifier.from_checkpoint(man, "manifestation", device="cpu",
+                                               precision="ort-int8")
+        classify(m18o, x[:2])
+        out["manifestation ResNet18 ort-int8 (all slices)"], _ = timed(lambda: classify(m18o, x))
     return out
 
 
@@ -242,7 +260,16 @@ def end_to_end(url: str, data_dir: Path, version_id: int, rec: Path, man: Path,
     return {"outcome": result.outcome.value, "reason": reason, "seconds": seconds,
             "model_load": load_seconds,
             "timings": timings, "slices_analysed": analysed, "device": models.device,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (``VmHWM``; ``ru_maxrss`` keeps the high-water
+    mark of the parent it was forked from)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def isa_environment(isa: str) -> dict[str, str]:
@@ -277,7 +304,8 @@ def main() -> None:
                         help="instruction-set level of the network stages and the worker path "
                              "(child processes; `all` runs each level)")
     parser.add_argument("--precision", default="auto",
-                        help="CTDX_PRECISION of the worker path (default auto)")
+                        help="CTDX_PRECISION of the worker path (default auto); a comma-separated "
+                             "list runs the worker path once per precision")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the results (per study and ISA level) to this file")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
@@ -321,15 +349,20 @@ def main() -> None:
             job = {"files": [str(f) for f in files], "rec": str(rec), "man": str(man),
                    "bf16_sample": args.bf16_sample, "batch_size": args.batch_size}
             stages = run_child([json.dumps(job)], isa, flag="--child-stages")
-            # a fresh database per run: the worker path analyses each study version once
-            run_dir = workdir / isa
-            run_dir.mkdir()
-            run_url, run_version = store_series(run_dir, files)
-            e2e = run_child([run_url, str(run_dir / "data"), str(run_version), str(rec),
-                             str(man), "torch", str(args.batch_size), args.precision], isa)
-            report.append(render(name if isa == "native" else f"{name}, ISA {isa}", stages, e2e))
-            records.append(record(name, isa, stages, e2e))
-            print(report[-1])
+            for precision in args.precision.split(","):
+                # a fresh database per run: the worker path analyses each study version once
+                run_dir = workdir / f"{isa}-{precision}"
+                run_dir.mkdir()
+                run_url, run_version = store_series(run_dir, files)
+                e2e = run_child([run_url, str(run_dir / "data"), str(run_version), str(rec),
+                                 str(man), "torch", str(args.batch_size), precision], isa)
+                e2e["precision"] = precision
+                title = name if isa == "native" else f"{name}, ISA {isa}"
+                if precision != "auto":
+                    title += f", CTDX_PRECISION={precision}"
+                report.append(render(title, stages, e2e))
+                records.append(record(name, isa, stages, e2e))
+                print(report[-1])
     if len(records) > 1 or args.isa != "native":
         report.insert(0, isa_summary(records))
     if args.memory_slices:
@@ -339,7 +372,7 @@ def main() -> None:
         workdir.mkdir()
         url, version = store_series(workdir, list(big.paths))
         e2e = run_child([url, str(workdir / "data"), str(version), str(rec), str(man), "torch",
-                         str(args.batch_size), args.precision])
+                         str(args.batch_size), args.precision.split(",")[0]])
         t = e2e["timings"]
         line = (f"\n### Memory: {args.memory_slices}-slice {args.size}² phantom\n\n"
                 f"Worker path (ResNet50 + ResNet18, batch {args.batch_size}): peak RSS "
@@ -360,6 +393,7 @@ def record(study: str, isa: str, s: dict[str, float], e2e: dict[str, Any]) -> di
     naive = sum(s[k] for k in NAIVE_STAGES)
     return {
         "study": study, "isa": isa, "isa_env": ISA_ENV[isa], "runtime": e2e["device"],
+        "precision": e2e.get("precision", "auto"),
         "slices": int(s["slices"]), "slices_analysed": e2e["slices_analysed"],
         "worker_path_s": round(e2e["seconds"], 3), "naive_pipeline_s": round(naive, 3),
         "speedup_vs_naive": round(naive / e2e["seconds"], 2),
@@ -374,16 +408,20 @@ def record(study: str, isa: str, s: dict[str, float], e2e: dict[str, Any]) -> di
 def isa_summary(records: list[dict[str, Any]]) -> str:
     """The per-ISA table at the top of the results."""
     lines = ["### Per instruction-set level", "",
-             "| study | ISA (env of the child) | worker path | naive pipeline | speed-up | "
-             "ResNet50 int8 / fp32 ms/slice | runtime (as reported) |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "| study | ISA (env of the child) | CTDX_PRECISION | worker path | naive pipeline | "
+             "speed-up | ResNet50 ms/slice: torch int8 / ORT int8 / fp32 | "
+             "runtime (as reported) |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
     for r in records:
         st, n = r["stages_s"], r["slices"]
         env = ", ".join(f"{k}={v}" for k, v in r["isa_env"].items()) or "unrestricted"
+        ort_s = st.get("classification ResNet50 ort-int8")
+        ort = "—" if ort_s is None else f"{1e3 * ort_s / n:.1f}"
         lines.append(
-            f"| {r['study']} | {r['isa']} ({env}) | **{r['worker_path_s']:.1f} s** | "
+            f"| {r['study']} | {r['isa']} ({env}) | {r['precision']} | "
+            f"**{r['worker_path_s']:.1f} s** | "
             f"{r['naive_pipeline_s']:.1f} s | {r['speedup_vs_naive']:.1f}x | "
-            f"{1e3 * st['classification ResNet50 int8'] / n:.1f} / "
+            f"{1e3 * st['classification ResNet50 int8'] / n:.1f} / {ort} / "
             f"{1e3 * st['classification ResNet50 fp32'] / n:.1f} | {r['runtime']} |")
     lines += ["", "Naive pipeline: decode + scikit-image segmentation slice by slice + "
               "preprocessing + fp32 eager ResNet50 and ResNet18 (every slice), timed in the same "
@@ -409,6 +447,13 @@ def render(name: str, s: dict[str, float], e2e: dict[str, Any]) -> str:
         ("manifestation ResNet18 int8 (every slice; upper bound)",
          s["manifestation ResNet18 int8 (all slices)"]),
     ]
+    if "classification ResNet50 ort-int8" in s:
+        rows += [
+            ("classification ResNet50 int8, ONNX Runtime QDQ u8s8 (native ISA always)",
+             s["classification ResNet50 ort-int8"]),
+            ("manifestation ResNet18 int8, ONNX Runtime (every slice; native ISA always)",
+             s["manifestation ResNet18 ort-int8 (all slices)"]),
+        ]
     t = e2e["timings"]
     if e2e["outcome"] != "analysed":
         raise SystemExit(f"worker path did not analyse the study: {e2e['reason']}")
@@ -419,7 +464,10 @@ def render(name: str, s: dict[str, float], e2e: dict[str, Any]) -> str:
         "",
         f"Dice torch vs scikit-image segmentation: {s['dice torch vs scikit-image']:.4f}; "
         f"bf16 vs fp32 argmax agreement on the sample: {s['bf16 argmax agreement']:.3f}; "
-        f"int8 vs fp32: {s['int8 argmax agreement']:.3f} (random-init weights: agreement "
+        f"int8 vs fp32: {s['int8 argmax agreement']:.3f}"
+        + (f", ONNX Runtime int8 vs fp32: {s['ort-int8 argmax agreement']:.3f}"
+           if "ort-int8 argmax agreement" in s else "")
+        + " (random-init weights: agreement "
         "here says little; the checks that matter are the exported models').",
         "",
         f"Worker path (`process_study_version`, fresh process, torch segmentation, device "

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 #: ONNX opset of the export (ResNets need nothing newer; every supported ORT reads it).
 OPSET = 17
 INPUT_NAME = "x"
+#: Slices per calibration batch (bounds the calibrating session's memory).
+_CALIBRATION_BATCH = 4
 
 
 def onnxruntime_available() -> bool:
@@ -103,7 +105,10 @@ def quantize_onnx(fp32: Path, out: Path, calibration: Iterable[Tensor]) -> int:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    batches = [b.to("cpu", dtype=torch.float32).contiguous().numpy() for b in calibration]
+    # small batches: the calibrating session's arena grows with the batch's activations
+    # (ResNet50 at 224 px: about 100 MB per slice), and keeps what it grew to
+    batches = [c.to("cpu", dtype=torch.float32).contiguous().numpy()
+               for b in calibration for c in torch.split(b, _CALIBRATION_BATCH)]
     seen = sum(int(b.shape[0]) for b in batches)
     if seen == 0:
         raise QuantizationError("no calibration slices: int8 needs the model's own training data")
