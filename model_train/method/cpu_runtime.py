@@ -18,7 +18,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -105,22 +105,36 @@ def _write(cache: Path, entries: Mapping[str, object]) -> None:
         logger.warning("cannot cache the CPU runtime choice in %s: %s", cache, exc)
 
 
+def cached_choice(cache: Path | None, model_uid: str,
+                  candidates: Iterable[Int8Runtime]) -> RuntimeChoice | None:
+    """What an earlier measurement of this host and model chose, if it is still a candidate."""
+    if cache is None:
+        return None
+    known = _read(cache).get(f"{host_key()}/{model_uid}")
+    if not isinstance(known, dict):
+        return None
+    runtime = known.get("runtime")
+    for candidate in candidates:
+        if runtime == candidate:
+            ms = known.get("ms_per_slice")
+            return RuntimeChoice(candidate, dict(ms) if isinstance(ms, dict) else {}, cached=True)
+    return None
+
+
 def choose_int8_runtime(models: Mapping[Int8Runtime, nn.Module], model_uid: str, size: int,
                         channels: int, cache: Path | None) -> RuntimeChoice:
     """The faster of ``models`` on this host, from ``cache`` when this host and model were
     measured before, else measured now (and written to ``cache``)."""
-    key = f"{host_key()}/{model_uid}"
-    entries = _read(cache) if cache is not None else {}
-    known = entries.get(key)
-    if isinstance(known, dict) and known.get("runtime") in models:
-        ms = known.get("ms_per_slice")
-        return RuntimeChoice(known["runtime"],  # type: ignore[arg-type]
-                             dict(ms) if isinstance(ms, dict) else {}, cached=True)
+    known = cached_choice(cache, model_uid, models)
+    if known is not None:
+        return known
     ms = measure(models, size, channels)
     runtime: Int8Runtime = min(models, key=lambda name: ms[name])
     if cache is not None:
         entries = _read(cache)  # another process may have written meanwhile
-        entries[key] = {"runtime": runtime, "ms_per_slice": ms,
-                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        entries[f"{host_key()}/{model_uid}"] = {
+            "runtime": runtime, "ms_per_slice": ms,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         _write(cache, entries)
     return RuntimeChoice(runtime, ms, cached=False)

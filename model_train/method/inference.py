@@ -47,7 +47,11 @@ from torch import Tensor, nn
 
 from ctdx.model_train.method.checkpoint import CheckpointMeta, LoadedModel, load_checkpoint
 from ctdx.model_train.method.classes import Task
-from ctdx.model_train.method.cpu_runtime import Int8Runtime, choose_int8_runtime
+from ctdx.model_train.method.cpu_runtime import (
+    Int8Runtime,
+    cached_choice,
+    choose_int8_runtime,
+)
 from ctdx.model_train.method.onnx_runtime import OrtModule, onnxruntime_available
 from ctdx.model_train.method.quantize import Int8Report, load_int8
 
@@ -158,6 +162,12 @@ class SliceClassifier:
         p = self.meta.preprocess
         forced: dict[str, list[Int8Runtime]] = {"int8": ["torch"], "ort-int8": ["onnxruntime"]}
         runtimes = forced.get(precision) or self._int8_runtimes(loaded)
+        known = cached_choice(choice_cache, self.meta.model_uid, runtimes) \
+            if len(runtimes) > 1 else None
+        if known is not None:  # measured on this host before: load only the faster
+            runtimes = [known.runtime]
+            logger.info("int8 runtime of %s on this host (cached): %s", self.meta.model_name,
+                        known.runtime)
         models: dict[Int8Runtime, nn.Module] = {}
         if "torch" in runtimes:
             assert loaded.int8 is not None

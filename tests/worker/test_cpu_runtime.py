@@ -132,9 +132,14 @@ def test_auto_times_both_runtimes_once_per_host_and_model(
     def no_probe(*args: object, **kwargs: object) -> dict[str, float]:
         raise AssertionError("measured again although this host and model are cached")
 
+    def not_built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the slower runtime was built although the cache names the faster")
+
     monkeypatch.setattr(cpu_runtime, "measure", no_probe)
-    again = SliceClassifier.from_checkpoint(int8_checkpoints.both, "recognition", device="cpu",
-                                            choice_cache=cache)
+    with monkeypatch.context() as m:  # a cached choice loads only the runtime it names
+        m.setattr(inference, "OrtModule" if first.runtime == "torch" else "load_int8", not_built)
+        again = SliceClassifier.from_checkpoint(int8_checkpoints.both, "recognition",
+                                                device="cpu", choice_cache=cache)
     assert again.runtime == first.runtime
     # what the cache says is what serves (another process measured the other one faster)
     other = "torch" if first.runtime == "onnxruntime" else "onnxruntime"
