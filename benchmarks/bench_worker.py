@@ -106,7 +106,7 @@ def make_checkpoints(out: Path) -> tuple[Path, Path]:
     from ctdx.model_train.int8 import int8_weights, onnx_int8_weights
     from ctdx.model_train.method.checkpoint import CheckpointMeta, save_checkpoint
     from ctdx.model_train.method.networks import build_resnet
-    from ctdx.model_train.method.onnx_runtime import onnxruntime_available
+    from ctdx.model_train.method.onnx_runtime import onnx_int8_available
     from ctdx.model_train.method.preprocess import PreprocessParams
 
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def make_checkpoints(out: Path) -> tuple[Path, Path]:
                                 "phantom seed 2", min_agreement=0.0)
             onnx8 = onnx_int8_weights(model, PreprocessParams(), calib, check, "phantom seed 1",
                                       "phantom seed 2", min_agreement=0.0) \
-                if onnxruntime_available() else None
+                if onnx_int8_available() else None
             save_checkpoint(path, model, CheckpointMeta.new(task, arch, f"bench-{arch}", "0"),
                             int8=int8, onnx_int8=onnx8)
     return rec, man

@@ -174,10 +174,9 @@ def _run_int8(model: nn.Module, config: Config, task: Task, split: Split,
     """int8 weights from the run's own split: train slices calibrate, held-out slices check
     (the training slices when the split has no validation or test set). The ONNX Runtime
     model is made likewise where ``onnx`` and ``onnxruntime`` are installed, else None."""
-    import importlib.util
-
     from ctdx.model_train.data import SliceSet, load_task_data, task_manifest
     from ctdx.model_train.int8 import int8_weights, onnx_int8_weights
+    from ctdx.model_train.method.onnx_runtime import onnx_int8_available
     from ctdx.model_train.method.quantize import QuantizationError
 
     params = config.preprocess_params()
@@ -201,7 +200,7 @@ def _run_int8(model: nn.Module, config: Config, task: Task, split: Split,
                            calibration_source=f"training set of fold {fold}",
                            evaluation_source=evaluation_source,
                            min_agreement=min_agreement, seed=config.split.seed)
-    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+    if not onnx_int8_available():
         logger.info("no ONNX Runtime int8 model: onnx / onnxruntime are not installed")
         return weights, None
     try:

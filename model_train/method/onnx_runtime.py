@@ -54,9 +54,21 @@ INPUT_NAME = "x"
 _CALIBRATION_BATCH = 4
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+        return False
+
+
 def onnxruntime_available() -> bool:
     """True when ``onnxruntime`` can serve (``onnx`` is needed only to make the model)."""
-    return importlib.util.find_spec("onnxruntime") is not None
+    return _installed("onnxruntime")
+
+
+def onnx_int8_available() -> bool:
+    """True when ONNX Runtime int8 models can be made here (``onnx`` and ``onnxruntime``)."""
+    return _installed("onnx") and _installed("onnxruntime")
 
 
 def onnxruntime_version() -> str:
@@ -71,7 +83,7 @@ def backend_name() -> str:
 
 
 def _require(*modules: str) -> None:
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if not _installed(m)]
     if missing:
         raise QuantizationError(
             f"ONNX Runtime int8 needs {' and '.join(missing)}: pip install 'ctdx[onnx]'"
