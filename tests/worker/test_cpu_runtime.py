@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ctdx.model_train.method.quantize import QuantizationError
 from ctdx.worker import runtime
 from ctdx.worker.errors import WorkerNotReady
 from tests.conftest import REPO_ROOT
-from tests.worker.conftest import Checkpoints, analysis_settings
+from tests.worker.conftest import Checkpoints, StoredStudy, analysis_settings
 
 
 def _slices(n: int, seed: int, size: int = 64) -> SliceSet:
@@ -235,3 +236,32 @@ def test_a_malformed_onnx_entry_is_refused_on_load(checkpoints: Checkpoints,
     torch.save(payload, bad)
     with pytest.raises(CheckpointError, match=r"onnx_int8 entry is malformed"):
         load_checkpoint(bad, task="recognition")
+
+
+def test_an_analysis_served_by_onnx_runtime_says_so_in_results_show(
+        int8_checkpoints: Int8Checkpoints, tmp_path: Path, sqlite_url: str,
+        small_rules: Path, store: Callable[..., StoredStudy],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from ctdx.cli import app
+    from ctdx.db.session import make_engine
+    from ctdx.model_train.phantom import write_phantom_series
+    from ctdx.worker import service
+
+    both = Checkpoints(int8_checkpoints.both, int8_checkpoints.both)
+    settings = analysis_settings(tmp_path / "data", sqlite_url, both, small_rules,
+                                 manifestation_model=None, precision="ort-int8")
+    study = write_phantom_series(tmp_path / "src", "covid19", n_slices=6, size=80, seed=2)
+    stored = store(sqlite_url, list(study.paths))
+    engine = make_engine(sqlite_url)
+    result = service.process_study_version(engine, settings, runtime.get_models(settings),
+                                           stored.study_version_id)
+    engine.dispose()
+    assert result.outcome is service.Outcome.ANALYSED
+    for key in [k for k in __import__("os").environ if k.startswith("CTDX_")]:
+        monkeypatch.delenv(key)
+    shown = CliRunner().invoke(app, ["results", "show", stored.study_instance_uid, "-f", "json",
+                                     "--database-url", sqlite_url])
+    assert shown.exit_code == 0, shown.output
+    assert "int8 onnxruntime" in shown.output and "QDQ u8s8" in shown.output
