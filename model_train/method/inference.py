@@ -53,7 +53,7 @@ from ctdx.model_train.method.cpu_runtime import (
     choose_int8_runtime,
 )
 from ctdx.model_train.method.onnx_runtime import OrtModule, onnxruntime_available
-from ctdx.model_train.method.quantize import Int8Report, load_int8
+from ctdx.model_train.method.quantize import Int8Report, QuantizationError, load_int8
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +171,15 @@ class SliceClassifier:
         models: dict[Int8Runtime, nn.Module] = {}
         if "torch" in runtimes:
             assert loaded.int8 is not None
-            models["torch"] = load_int8(self.meta.arch, len(self.meta.class_names), p.size,
-                                        p.channels, loaded.int8.state_dict)
+            try:
+                models["torch"] = load_int8(self.meta.arch, len(self.meta.class_names), p.size,
+                                            p.channels, loaded.int8.state_dict)
+            except QuantizationError as exc:
+                if "onnxruntime" not in runtimes:
+                    raise
+                # another torch's int8 graph: the checked ONNX model still serves
+                logger.warning("%s: PyTorch int8 not served (%s); ONNX Runtime int8 instead",
+                               self.meta.model_name, exc)
         if "onnxruntime" in runtimes:
             assert loaded.onnx_int8 is not None
             models["onnxruntime"] = OrtModule(loaded.onnx_int8.model)

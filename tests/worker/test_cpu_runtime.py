@@ -265,3 +265,18 @@ def test_an_analysis_served_by_onnx_runtime_says_so_in_results_show(
                                      "--database-url", sqlite_url])
     assert shown.exit_code == 0, shown.output
     assert "int8 onnxruntime" in shown.output and "QDQ u8s8" in shown.output
+
+
+def test_torch_int8_weights_this_torch_cannot_load_leave_the_onnx_model_serving(
+        int8_checkpoints: Int8Checkpoints, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def other_torch(*args: object, **kwargs: object) -> None:
+        raise QuantizationError("int8 weights do not fit this code's resnet18 int8 graph")
+
+    monkeypatch.setattr(inference, "load_int8", other_torch)
+    served = SliceClassifier.from_checkpoint(int8_checkpoints.both, "recognition", device="cpu",
+                                             choice_cache=tmp_path / "c.json")
+    assert served.runtime == "onnxruntime"
+    with pytest.raises(QuantizationError, match="do not fit"):  # asked for by name: no fallback
+        SliceClassifier.from_checkpoint(int8_checkpoints.both, "recognition", device="cpu",
+                                        precision="int8")
