@@ -311,7 +311,7 @@ def test_a_write_failure_mid_data_set_is_answered_and_the_association_goes_on(
     assert scp_sqlite.incoming_files() == []
 
 
-def test_received_files_start_write_back_per_8_mib_not_per_fragment(
+def test_received_files_start_write_back_per_256_kib_not_per_fragment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ctdx.scp import receive
@@ -319,15 +319,14 @@ def test_received_files_start_write_back_per_8_mib_not_per_fragment(
     calls: list[int] = []
     monkeypatch.setattr(receive, "_sync_file_range", lambda fd, *args: calls.append(fd))
     received = receive.ReceivedFile(tmp_path)
-    fragment = memoryview(bytes(131_072))
-    for _ in range(4):  # a 512 kB slice: no early write-back
+    fragment = memoryview(bytes(65_536))
+    received.write(fragment)
+    received.flush()
+    assert calls == []  # not per fragment
+    for _ in range(7):  # a 512 kB slice in 64 kB fragments: twice, after 256 and 512 kB
         received.write(fragment)
         received.flush()
-    assert calls == []
-    for _ in range(64):  # 8 MiB more: once
-        received.write(fragment)
-        received.flush()
-    assert len(calls) == 1
+    assert len(calls) == 2
     # the fast path's files are hashed by the store, beside their fsync (Spool.seal_new)
     assert receive.take_digest(received.path) is None
     received.discard()
@@ -337,7 +336,7 @@ def test_received_files_start_write_back_per_8_mib_not_per_fragment(
         hashed.write(fragment)
         hashed.flush()
     digest = receive.take_digest(hashed.path)
-    assert digest is not None and digest.size_bytes == 3 * 131_072
-    assert digest.sha256 == hashlib.sha256(bytes(3 * 131_072)).hexdigest()
+    assert digest is not None and digest.size_bytes == 3 * 65_536
+    assert digest.sha256 == hashlib.sha256(bytes(3 * 65_536)).hexdigest()
     hashed.discard()
     assert list(tmp_path.iterdir()) == []
