@@ -16,6 +16,10 @@ one per slice; an enhanced slice carries its 1-based ``frame_number``.
   (row × column direction cosines)``: file names, InstanceNumber and frame
   order are not anatomical order on every scanner (the COVID-CT-MD files are
   not). Position ties keep InstanceNumber (then frame) order.
+- **Localisers** (CT Image Type value 3 ``LOCALIZER``, PS3.3 C.8.2.1.1.1) that
+  a scanner put in the axial series (often its first or last instance) are
+  left out of a series that has other instances, and said in the log; a series
+  of localisers only is refused by series selection.
 - **Consistency**: every slice must have the same Rows x Columns and the same
   orientation (within 1e-3 of each direction cosine), else
   :class:`~worker.errors.InconsistentSeries`. A series that mixes classic
@@ -264,11 +268,30 @@ def _slices_of(ref: InstanceRef, ds: pydicom.Dataset) -> list[tuple[_Geometry, i
     ]
 
 
+def is_localizer(ds: pydicom.Dataset) -> bool:
+    """Whether an instance is a localiser (scout): CT Image Type value 3 is ``LOCALIZER``."""
+    image_type = ds.get("ImageType")
+    if image_type is None or isinstance(image_type, str | bytes):
+        values = [str(image_type or "")]
+    else:
+        values = [str(v) for v in image_type]
+    return len(values) >= 3 and values[2].strip().upper() == "LOCALIZER"
+
+
 def order_series(instances: Sequence[InstanceRef]) -> OrderedSeries:
-    """Read every header and sort the slices (or frames) along the normal of the first one."""
+    """Read every header and sort the slices (or frames) along the normal of the first one.
+
+    Localisers are left out when the series has other instances (see the module's docstring).
+    """
     if not instances:
         raise InconsistentSeries("the series has no instances")
     headers = [(ref, read_header(ref)) for ref in instances]
+    images = [(ref, ds) for ref, ds in headers if not is_localizer(ds)]
+    if images and len(images) < len(headers):
+        logger.info("series: %d localiser instance(s) left out of %d (%s)",
+                    len(headers) - len(images), len(headers),
+                    ", ".join(ref.sop_instance_uid for ref, ds in headers if is_localizer(ds)))
+        headers = images
     kinds = {is_multiframe(ds) for _, ds in headers}
     if len(kinds) > 1:
         multi = sum(is_multiframe(ds) for _, ds in headers)

@@ -45,6 +45,7 @@ from ctdx.worker.errors import NoUsableSeries
 from ctdx.worker.loading import (
     frame_count,
     functional_group,
+    is_localizer,
     is_multiframe,
     read_header,
     slice_normal,
@@ -285,13 +286,20 @@ def _sop_class_name(uid: str | None) -> str | None:
 
 
 def describe_series(series: SeriesRef) -> SeriesCandidate:
-    """Technical attributes of ``series`` from its first instance's header.
+    """Technical attributes of ``series`` from its first instance's header (the first that is
+    not a localiser, when the series holds other images: see :mod:`ctdx.worker.loading`).
 
     For a multi-frame series the slice count is the sum of every instance's
     Number of Frames (one header per further instance is read; Enhanced CT
     series usually have a single instance).
     """
     ds = read_header(series.instances[0])
+    localizers = 0  # a scanner's localiser first in the axial series: described by the next
+    while is_localizer(ds) and localizers + 1 < len(series.instances):
+        localizers += 1
+        ds = read_header(series.instances[localizers])
+    if is_localizer(ds):  # localisers only: described as one, which the filters refuse
+        ds, localizers = read_header(series.instances[0]), 0
     axial: float | None = None
     orientation = _frame_attribute(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
     if orientation is not None and len(orientation) == 6:
@@ -302,7 +310,7 @@ def describe_series(series: SeriesRef) -> SeriesCandidate:
     kernel = _frame_attribute(ds, "CTReconstructionSequence", "ConvolutionKernel")
     thickness = _frame_attribute(ds, "PixelMeasuresSequence", "SliceThickness")
     frames = frame_count(ds)
-    slice_count = len(series.instances)
+    slice_count = len(series.instances) - localizers
     if is_multiframe(ds):
         slice_count = frames + sum(
             frame_count(read_header(ref)) for ref in series.instances[1:]
