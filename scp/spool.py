@@ -36,9 +36,10 @@ import socket
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ctdx.scp.instance import InstanceHeader
 
@@ -194,7 +195,10 @@ class Spool:
                 os.close(fd)
         except OSError as exc:
             error = exc
-        for job in [*jobs, *([hashing] if hashing is not None else [])]:
+        waiting: list[Future[Any]] = [*jobs]
+        if hashing is not None:
+            waiting.append(hashing)
+        for job in waiting:
             try:
                 job.result()
             except OSError as exc:
