@@ -33,13 +33,20 @@ def _batches(gray: Tensor, params: PreprocessParams, batch_size: int = 32) -> It
         yield x.contiguous(memory_format=torch.channels_last)
 
 
-def _calibration_pick(n: int, calibration_slices: int, seed: int) -> np.ndarray:
-    """Indices of the calibration sample (the same for both int8 runtimes)."""
+def _samples(params: PreprocessParams, calibration: SliceSet, evaluation: SliceSet,
+             calibration_source: str, calibration_slices: int, seed: int,
+             ) -> tuple[Iterator[Tensor], Iterator[Tensor], str]:
+    """What both int8 runtimes are made from and checked on: batches of up to
+    ``calibration_slices`` random slices of ``calibration`` (the same for a given ``seed``),
+    batches of all of ``evaluation``, and the calibration's description."""
+    n = len(calibration)
     pick = np.arange(n)
     if n > calibration_slices:
         pick = np.sort(np.random.default_rng(seed).choice(n, size=calibration_slices,
                                                           replace=False))
-    return pick
+    return (_batches(calibration.gray[torch.from_numpy(pick)], params),
+            _batches(evaluation.gray, params),
+            f"{calibration_source} ({len(pick)} random slices)")
 
 
 def int8_weights(
@@ -55,15 +62,13 @@ def int8_weights(
 ) -> Int8Weights:
     """Calibrate ``model`` on up to ``calibration_slices`` random slices of ``calibration`` and
     check it on all of ``evaluation``; raises ``QuantizationError`` below ``min_agreement``."""
-    pick = _calibration_pick(len(calibration), calibration_slices, seed)
-    calib_gray = calibration.gray[torch.from_numpy(pick)]
+    calibrate, check, source = _samples(params, calibration, evaluation, calibration_source,
+                                        calibration_slices, seed)
     state, report = make_int8(
-        model.to("cpu").eval(),
-        _batches(calib_gray, params),
-        _batches(evaluation.gray, params),
+        model.to("cpu").eval(), calibrate, check,
         size=params.size,
         channels=params.channels,
-        calibration_source=f"{calibration_source} ({len(pick)} random slices)",
+        calibration_source=source,
         evaluation_source=evaluation_source,
         min_agreement=min_agreement,
     )
@@ -87,15 +92,13 @@ def onnx_int8_weights(
     and agreement gate as :func:`int8_weights` (needs ``pip install 'ctdx[onnx]'``)."""
     from ctdx.model_train.method.onnx_runtime import make_onnx_int8
 
-    pick = _calibration_pick(len(calibration), calibration_slices, seed)
-    weights = make_onnx_int8(
-        model.to("cpu").eval(),
-        _batches(calibration.gray[torch.from_numpy(pick)], params),
-        _batches(evaluation.gray, params),
+    calibrate, check, source = _samples(params, calibration, evaluation, calibration_source,
+                                        calibration_slices, seed)
+    return make_onnx_int8(
+        model.to("cpu").eval(), calibrate, check,
         size=params.size,
         channels=params.channels,
-        calibration_source=f"{calibration_source} ({len(pick)} random slices)",
+        calibration_source=source,
         evaluation_source=evaluation_source,
         min_agreement=min_agreement,
     )
-    return weights

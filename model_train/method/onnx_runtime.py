@@ -14,7 +14,7 @@ How the ONNX int8 model is made (at export, beside the torch int8 weights):
 2. static QDQ quantisation, uint8 activations and per-channel int8 weights
    (u8s8, MinMax calibration) on the *same* preprocessed calibration slices as
    the torch int8 weights (``ctdx.model_train.int8``);
-3. the same gate: :func:`ctdx.model_train.method.quantize.compare` runs fp32
+3. the same gate: :func:`ctdx.model_train.method.quantize.checked_report` runs fp32
    and the ONNX Runtime session on the same held-out slices; below the minimum
    argmax agreement the model is refused (:class:`QuantizationError`).
 
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ctdx.model_train.method.checkpoint import OnnxInt8
-from ctdx.model_train.method.quantize import Int8Report, QuantizationError, compare
+from ctdx.model_train.method.quantize import QuantizationError, checked_report
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
@@ -161,7 +161,8 @@ def session(model: bytes, threads: int | None = None) -> InferenceSession:
 
 class OrtModule(nn.Module):
     """An ONNX Runtime session behind ``nn.Module``'s call: logits for an ``(N, C, S, S)``
-    float batch, so serving and :func:`compare` treat it like the torch networks."""
+    float batch, so serving and :func:`~ctdx.model_train.method.quantize.compare` treat it
+    like the torch networks."""
 
     def __init__(self, model: bytes, threads: int | None = None) -> None:
         super().__init__()
@@ -189,23 +190,12 @@ def make_onnx_int8(model: nn.Module, calibration: Iterable[Tensor],
         export_onnx(model, fp32, size, channels)
         calibrated = quantize_onnx(fp32, int8, calibration)
         data = int8.read_bytes()
-    n_eval, agreement, worst = compare(model, OrtModule(data, threads=torch.get_num_threads()),
-                                       evaluation)
-    report = Int8Report(
-        backend=backend_name(),
-        calibration_slices=calibrated,
-        calibration_source=calibration_source,
-        evaluation_slices=n_eval,
-        evaluation_source=evaluation_source,
-        argmax_agreement=round(agreement, 6),
-        max_probability_difference=round(worst, 6),
-        torch_version=str(torch.__version__),
+    report = checked_report(
+        model, OrtModule(data, threads=torch.get_num_threads()), evaluation,
+        backend=backend_name(), calibration_slices=calibrated,
+        calibration_source=calibration_source, evaluation_source=evaluation_source,
+        min_agreement=min_agreement, refused="ONNX Runtime int8 calls",
     )
-    if agreement < min_agreement:
-        raise QuantizationError(
-            f"ONNX Runtime int8 calls {agreement:.3f} of {n_eval} held-out slices as fp32 does, "
-            f"below the minimum {min_agreement:g}: not exported"
-        )
     logger.info("ONNX Runtime int8: %s; largest probability difference %.3f",
                 report.summary(), report.max_probability_difference)
     return OnnxInt8(model=data, report=report)

@@ -177,6 +177,32 @@ def load_int8(arch: Arch, num_classes: int, size: int, channels: int,
     return model.eval()
 
 
+def checked_report(fp32: nn.Module, int8: nn.Module, evaluation: Iterable[Tensor], *,
+                   backend: str, calibration_slices: int, calibration_source: str,
+                   evaluation_source: str, min_agreement: float, refused: str,
+                   advice: str = "") -> Int8Report:
+    """The agreement gate every int8 runtime goes through: :func:`compare` on ``evaluation``,
+    the report, or :class:`QuantizationError` (``refused`` + the figures + ``advice``) below
+    ``min_agreement``."""
+    n_eval, agreement, worst = compare(fp32, int8, evaluation)
+    report = Int8Report(
+        backend=backend,
+        calibration_slices=calibration_slices,
+        calibration_source=calibration_source,
+        evaluation_slices=n_eval,
+        evaluation_source=evaluation_source,
+        argmax_agreement=round(agreement, 6),
+        max_probability_difference=round(worst, 6),
+        torch_version=str(torch.__version__),
+    )
+    if agreement < min_agreement:
+        raise QuantizationError(
+            f"{refused} {agreement:.3f} of {n_eval} held-out slices as fp32 does, below the "
+            f"minimum {min_agreement:g}: not exported{advice}"
+        )
+    return report
+
+
 def compare(fp32: nn.Module, int8: nn.Module,
             batches: Iterable[Tensor]) -> tuple[int, float, float]:
     """``(slices, argmax agreement, max probability difference)`` of ``int8`` against ``fp32``
@@ -208,22 +234,13 @@ def make_int8(model: nn.Module, calibration: Iterable[Tensor], evaluation: Itera
     """
     calibration = list(calibration)
     int8 = quantize_int8(model, calibration, size, channels)
-    n_eval, agreement, worst = compare(model, int8, evaluation)
-    report = Int8Report(
-        backend=BACKEND,
+    report = checked_report(
+        model, int8, evaluation, backend=BACKEND,
         calibration_slices=sum(int(b.shape[0]) for b in calibration),
-        calibration_source=calibration_source,
-        evaluation_slices=n_eval,
-        evaluation_source=evaluation_source,
-        argmax_agreement=round(agreement, 6),
-        max_probability_difference=round(worst, 6),
-        torch_version=str(torch.__version__),
+        calibration_source=calibration_source, evaluation_source=evaluation_source,
+        min_agreement=min_agreement, refused="int8 weights call",
+        advice=" (serve fp32, or calibrate on more data)",
     )
-    if agreement < min_agreement:
-        raise QuantizationError(
-            f"int8 weights call {agreement:.3f} of {n_eval} held-out slices as fp32 does, below "
-            f"the minimum {min_agreement:g}: not exported (serve fp32, or calibrate on more data)"
-        )
     # the state_dict as returned: its ``_metadata`` (module versions) tells the quantised
     # modules how to read their packed parameters back
     return int8.state_dict(), report
