@@ -157,15 +157,10 @@ class Spool:
         ``known`` is the digest taken while the file was written
         (:func:`ctdx.scp.receive.take_digest`), which spares reading it back.
         """
+        if known is None:
+            known = _digest_of_path(path)
         fd = os.open(path, os.O_RDONLY)
         try:
-            if known is None:
-                digest = hashlib.sha256()
-                size = 0
-                while chunk := os.read(fd, _CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                known = Sealed(size_bytes=size, sha256=digest.hexdigest())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -219,14 +214,10 @@ class Spool:
 
     def digest_of(self, relative: str) -> str | None:
         """SHA-256 of a stored file, or ``None`` when it is absent."""
-        digest = hashlib.sha256()
         try:
-            with self.path_of(relative).open("rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    digest.update(chunk)
+            return _digest_of_path(self.path_of(relative)).sha256
         except FileNotFoundError:
             return None
-        return digest.hexdigest()
 
     def link_new(self, received: Path, relative: str) -> bool:
         """Give the received file its final name, unless that name exists (then ``False``).
