@@ -583,10 +583,18 @@ class _RequestHandler(RequestHandler):
         server = self.server
         sock = cast(socket.socket, self.request)
         peer = str(self.client_address[0])
+        counted = True
+
+        def leave_pending() -> None:  # once, and before the socket closes (see _receive_request)
+            nonlocal counted
+            if counted:
+                counted = False
+                server.slots.leave_pending(peer)
+
         try:
-            accepted = self._receive_request(sock, peer)
+            accepted = self._receive_request(sock, peer, leave_pending)
         finally:
-            server.slots.leave_pending(peer)
+            leave_pending()
         if accepted is None:
             return
         request, release = accepted
@@ -605,9 +613,13 @@ class _RequestHandler(RequestHandler):
             raise
 
     def _receive_request(
-        self, sock: socket.socket, peer: str
+        self, sock: socket.socket, peer: str, leave_pending: Callable[[], None]
     ) -> tuple[A_ASSOCIATE_RQ, Callable[[], None]] | None:
-        """The checked request and its association slot; ``None`` when answered or closed."""
+        """The checked request and its association slot; ``None`` when answered or closed.
+
+        A connection stops counting as pending before its socket closes: a peer that sees
+        its connection end may connect again at once without meeting its own old count.
+        """
         deadline = time.monotonic() + float(self.ae.acse_timeout or 30.0)
         try:
             if isinstance(sock, ssl.SSLSocket):
@@ -620,12 +632,14 @@ class _RequestHandler(RequestHandler):
         except Refusal as exc:
             self.server.quiet_log(logging.WARNING, "connection from %s: %s; answered %s",
                                   peer, exc, exc.kind)
+            leave_pending()
             refuse(sock, exc)
             return None
         except (ConnectionEnded, OSError, ValueError) as exc:
             reason = exc if isinstance(exc, ConnectionEnded) else type(exc).__name__
             self.server.quiet_log(logging.INFO, "connection from %s closed before association: "
                                   "%s", peer, reason)
+            leave_pending()
             self.server.shutdown_request(sock)
             return None
         return request, release
