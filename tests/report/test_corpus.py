@@ -71,6 +71,8 @@ NAMES = (
     "shared-p001", "shared-p001-for-empty",
 )
 SHARED = ("shared-p001", "shared-p001-for-empty")
+#: Seconds the sender waits for each C-STORE response (pynetdicom's default is 30)
+DIMSE_TIMEOUT = 120
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Sent:
     status: int | None
     comment: str
     syntax: str = ""  # the transfer syntax it was sent in
+    seconds: float = 0.0  # from the C-STORE request to its response
 
 
 @dataclass
@@ -95,6 +98,9 @@ class CorpusRun:
 def _send(case: Case, port: int, scratch: Path) -> list[Sent]:
     """C-STORE a case's files as a scanner would: its own syntax, or a fallback it converts to."""
     ae = AE(ae_title="SCANNER")
+    # a scanner waits for a response longer than pynetdicom's 30 s (storescu: without limit);
+    # a response slower than this fails the case, not the whole corpus (see below)
+    ae.dimse_timeout = DIMSE_TIMEOUT
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in case.files]
     for sop_class in sorted({str(h.SOPClassUID) for h in headers}):
         ae.add_requested_context(sop_class, [case.syntax, *case.fallback])
@@ -104,6 +110,9 @@ def _send(case: Case, port: int, scratch: Path) -> list[Sent]:
     answers = []
     try:
         for path, header in zip(case.files, headers, strict=True):
+            if not assoc.is_established:  # aborted by the listener, or the response timed out
+                answers.append(Sent(None, "association ended before this file was sent"))
+                continue
             contexts = [cx for cx in assoc.accepted_contexts
                         if cx.abstract_syntax == header.SOPClassUID]
             if not contexts:
@@ -116,9 +125,13 @@ def _send(case: Case, port: int, scratch: Path) -> list[Sent]:
                 subprocess.run([require_tool("dcmconv"), "+te", str(path), str(converted)],
                                check=True, capture_output=True, timeout=120)
                 path = converted
+            started = time.monotonic()
             response = assoc.send_c_store(path)
+            seconds = time.monotonic() - started
             status = int(response.Status) if "Status" in response else None
-            answers.append(Sent(status, str(response.get("ErrorComment", "")), accepted))
+            comment = str(response.get("ErrorComment", "")) if status is not None else (
+                f"no response after {seconds:.1f} s (association aborted or timed out)")
+            answers.append(Sent(status, comment, accepted, seconds))
     finally:
         assoc.release()
     return answers
@@ -180,8 +193,10 @@ def corpus(
         stored = sum(any(a.status == 0 for a in sent) for sent in answers.values())
         wait_for(lambda: _settled(url, stored, worker, log), timeout=900, interval=1.0,
                  message=f"{stored} corpus studies analysed or failed, exports settled")
-        print(f"corpus: {len(cases)} cases sent in {sent - started:.1f} s, "
-              f"analysed and delivered {time.monotonic() - sent:.1f} s later")
+        slowest = max((a.seconds for sent in answers.values() for a in sent), default=0.0)
+        print(f"corpus: {len(cases)} cases sent in {sent - started:.1f} s (slowest C-STORE "
+              f"response {slowest:.2f} s), analysed and delivered "
+              f"{time.monotonic() - sent:.1f} s later")
         yield CorpusRun(cases, answers, url, root / "data", pacs, log)
     finally:
         if worker.poll() is None:
