@@ -156,6 +156,9 @@ def _load(settings: Settings) -> Models:
     except ImportError as exc:  # a segmentation backend whose dependencies are missing
         raise WorkerNotReady(f"segmentation backend {settings.segmentation_backend!r}: {exc}") \
             from exc
+    from ctdx.worker.report.warmup import warm_up
+
+    warm_up()  # the first study's reports then cost what every later study's do
     meta = recognition.meta
     identity = ModelIdentity(
         model_name=meta.model_name,

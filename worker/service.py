@@ -38,7 +38,7 @@ from ctdx.worker import metrics as worker_metrics
 from ctdx.worker.errors import TRANSIENT_ERRORS, AnalysisError
 from ctdx.worker.loading import order_series
 from ctdx.worker.series_selection import Selection, load_rules, select_series
-from ctdx.worker.store import ClaimLost, store_failure, store_results
+from ctdx.worker.store import ClaimLost, record_timings, store_failure, store_results
 from ctdx.worker.study import StudyVersionNotFound, load_study_version
 
 if TYPE_CHECKING:
@@ -202,7 +202,12 @@ def _fail(
 
 
 def _publish(engine: Engine, analysis_id: int, settings: Settings) -> None:
-    """Reports never fail an analysis: they are retried from their own outbox."""
+    """Reports never fail an analysis: they are retried from their own outbox.
+
+    Their time (build, validation, durable write, first delivery attempt) is the
+    analysis's ``reports`` stage, added to its timings once they are published.
+    """
+    start = time.perf_counter()
     try:
         from ctdx.worker.report import publish_reports
 
@@ -210,3 +215,11 @@ def _publish(engine: Engine, analysis_id: int, settings: Settings) -> None:
     except Exception:
         logger.exception("analysis %d: publishing reports failed (the analysis stands)",
                          analysis_id)
+        return
+    stage = {"reports": round(time.perf_counter() - start, 4)}
+    worker_metrics.observe_stages(stage)
+    try:
+        record_timings(engine, analysis_id, stage)
+    except SQLAlchemyError:  # a timing is never worth failing or retrying a study for
+        logger.warning("analysis %d: reports stage time not recorded", analysis_id,
+                       exc_info=True)

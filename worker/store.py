@@ -123,6 +123,14 @@ def store_results(
     return time.perf_counter() - start
 
 
+def record_timings(engine: Engine, analysis_id: int, stages: Mapping[str, float]) -> None:
+    """Add stages timed after the results were stored (the reports) to the analysis' timings."""
+    with session_scope(engine) as session:
+        analysis = session.get(Analysis, analysis_id)
+        if analysis is not None:
+            analysis.timings = {**(analysis.timings or {}), **stages}
+
+
 def store_failure(
     engine: Engine,
     analysis_id: int,
