@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
@@ -114,11 +115,14 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
     ]
     objects: list[StoredObject] = []
     problems: list[str] = []
+    written: dict[ReportKind, Path] = {}  # relative to the data directory
 
     def checked(kind: ReportKind, build: Callable[[], Dataset]) -> Dataset | None:
+        """The object built and checked, written durably as the bytes checked."""
         try:
             dataset = build()
-            require_valid(dataset, kind)
+            written[kind] = storage.save(settings.data_dir, kind, dataset,
+                                         require_valid(dataset, kind))
         except InvalidReportObject as exc:
             problems.append(f"{kind} {exc.sop_instance_uid}: {'; '.join(exc.problems)}")
             return None
@@ -139,7 +143,7 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
                 StoredObject(
                     kind="sr",
                     sop_instance_uid=str(sr.SOPInstanceUID),
-                    path=str(storage.save(settings.data_dir, "sr", sr)),
+                    path=str(written["sr"]),
                     replaces_sop_instance_uid=(
                         str(predecessor.SOPInstanceUID) if predecessor is not None else None
                     ),
@@ -159,7 +163,7 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
         if sc is not None:
             objects.append(
                 StoredObject(
-                    "sc", str(sc.SOPInstanceUID), str(storage.save(settings.data_dir, "sc", sc))
+                    "sc", str(sc.SOPInstanceUID), str(written["sc"])
                 )
             )
     if "ko" in settings.report_outputs:
@@ -169,7 +173,7 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
                 objects.append(
                     StoredObject(
                         "ko", str(ko.SOPInstanceUID),
-                        str(storage.save(settings.data_dir, "ko", ko)),
+                        str(written["ko"]),
                     )
                 )
         else:

@@ -55,10 +55,11 @@ def encode(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def save(data_dir: Path, kind: ReportKind, dataset: Dataset) -> Path:
-    """Write ``dataset`` durably; returns its path relative to ``data_dir``."""
+def save(data_dir: Path, kind: ReportKind, dataset: Dataset, data: bytes) -> Path:
+    """Write ``data``, the Part 10 bytes of ``dataset`` that were checked, durably; returns
+    its path relative to ``data_dir``."""
     rel = relative_path(str(dataset.StudyInstanceUID), kind, str(dataset.SOPInstanceUID))
-    write_durably(data_dir / rel, encode(dataset))
+    write_durably(data_dir / rel, data)
     logger.info("wrote %s %s (%s)", kind, dataset.SOPInstanceUID, rel)
     return rel
 

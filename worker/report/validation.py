@@ -86,15 +86,20 @@ def check_object(dataset: Dataset) -> list[str]:
 
     Problems name attributes and paths, never values (they may be patient data).
     """
+    return _checked(dataset)[1]
+
+
+def _checked(dataset: Dataset) -> tuple[bytes, list[str]]:
+    """The object's Part 10 bytes (the ones checked) and its problems."""
     problems: list[str] = []
     try:
         data = encode(dataset)
     except (ValueError, TypeError, AttributeError, OverflowError, LookupError) as exc:
-        return [f"cannot be encoded ({type(exc).__name__})"]
+        return b"", [f"cannot be encoded ({type(exc).__name__})"]
     try:
         decoded = dcmread(BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the finding itself
-        return [f"encoded bytes cannot be decoded ({type(exc).__name__})"]
+        return data, [f"encoded bytes cannot be decoded ({type(exc).__name__})"]
     problems += _values(decoded)
     try:
         same = encode(decoded) == data
@@ -106,14 +111,16 @@ def check_object(dataset: Dataset) -> list[str]:
     if "ContentSequence" in decoded:
         problems += _content_items(decoded)
     problems += _highdicom(decoded)
-    return problems[:MAX_PROBLEMS]
+    return data, problems[:MAX_PROBLEMS]
 
 
-def require_valid(dataset: Dataset, kind: str) -> None:
-    """Raise :class:`InvalidReportObject` when :func:`check_object` finds problems."""
-    problems = check_object(dataset)
+def require_valid(dataset: Dataset, kind: str) -> bytes:
+    """The Part 10 bytes that passed :func:`check_object`, to be written and sent as they are
+    (not encoded once more); raises :class:`InvalidReportObject` when it finds problems."""
+    data, problems = _checked(dataset)
     if problems:
         raise InvalidReportObject(kind, str(dataset.get("SOPInstanceUID", "?")), problems)
+    return data
 
 
 # --- the checks ---------------------------------------------------------------------------
