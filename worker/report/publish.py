@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
@@ -115,40 +114,28 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
     ]
     objects: list[StoredObject] = []
     problems: list[str] = []
-    written: dict[ReportKind, Path] = {}  # relative to the data directory
 
-    def checked(kind: ReportKind, build: Callable[[], Dataset]) -> Dataset | None:
-        """The object built and checked, written durably as the bytes checked."""
+    def add(kind: ReportKind, build: Callable[[], Dataset], replaces: str | None = None) -> None:
+        """Build and check the object, write the bytes checked durably and add it; or say
+        in ``problems`` why not."""
         try:
             dataset = build()
-            written[kind] = storage.save(settings.data_dir, kind, dataset,
-                                         require_valid(dataset, kind))
+            path = storage.save(settings.data_dir, kind, dataset, require_valid(dataset, kind))
         except InvalidReportObject as exc:
             problems.append(f"{kind} {exc.sop_instance_uid}: {'; '.join(exc.problems)}")
-            return None
+            return
         except SourceImageMissing:
             raise
         except BUILD_ERRORS as exc:
             problems.append(f"{kind}: cannot be built ({scrubbed(exc)})")
-            return None
-        return dataset
+            return
+        objects.append(StoredObject(kind, str(dataset.SOPInstanceUID), str(path), replaces))
 
     if "sr" in settings.report_outputs:
         predecessor = predecessor_header(settings, inp, previous)
-        sr = checked("sr", lambda: build_sr(
+        add("sr", lambda: build_sr(
             inp, SrSources(source=source, key_images=key_headers, predecessor=predecessor)
-        ))
-        if sr is not None:
-            objects.append(
-                StoredObject(
-                    kind="sr",
-                    sop_instance_uid=str(sr.SOPInstanceUID),
-                    path=str(written["sr"]),
-                    replaces_sop_instance_uid=(
-                        str(predecessor.SOPInstanceUID) if predecessor is not None else None
-                    ),
-                )
-            )
+        ), replaces=str(predecessor.SOPInstanceUID) if predecessor is not None else None)
     if "sc" in settings.report_outputs:
         shown = key_slices[0] if key_slices else representative_slice(inp)
 
@@ -159,23 +146,10 @@ def build_objects(engine: Engine, analysis_id: int, settings: Settings) -> list[
             return build_summary(inp, read_image(settings, shown), shown,
                                  pixels=settings.spool_dir / shown.path)
 
-        sc = checked("sc", summary)
-        if sc is not None:
-            objects.append(
-                StoredObject(
-                    "sc", str(sc.SOPInstanceUID), str(written["sc"])
-                )
-            )
+        add("sc", summary)
     if "ko" in settings.report_outputs:
         if key_headers:
-            ko = checked("ko", lambda: build_key_objects(inp, key_headers))
-            if ko is not None:
-                objects.append(
-                    StoredObject(
-                        "ko", str(ko.SOPInstanceUID),
-                        str(written["ko"]),
-                    )
-                )
+            add("ko", lambda: build_key_objects(inp, key_headers))
         else:
             logger.info("analysis %d has no key slices: no key object selection", analysis_id)
     record_problems(engine, analysis_id, problems)
