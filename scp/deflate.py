@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from ctdx.scp.header_scan import file_meta_end
-from ctdx.scp.receive import TEMP_PREFIX
+from ctdx.scp.prepared import TEMP_PREFIX
 from ctdx.scp.status import Rejected, Status
 
 __all__ = ["MAX_INFLATED_BYTES", "inflated"]
@@ -33,14 +33,16 @@ _OUTPUT_STEP = 1 << 20
 
 
 @contextmanager
-def inflated(received: Path) -> Iterator[Path]:
-    """A temporary copy of ``received`` (File Meta as is) with its data set inflated.
+def inflated(received: Path, folder: Path | None = None) -> Iterator[Path]:
+    """A temporary copy of ``received`` (File Meta as is) with its data set inflated, in
+    ``folder`` (by default beside ``received``; an unnamed received file has no folder).
 
     Raises :class:`~scp.status.Rejected`: 0xC210 when the deflate stream is
     broken, 0xA700 when it inflates to more than :data:`MAX_INFLATED_BYTES`.
     The copy is deleted when the block ends.
     """
-    target = received.parent / f"{TEMP_PREFIX}inflated-{secrets.token_hex(8)}.dcm"
+    folder = received.parent if folder is None else folder
+    target = folder / f"{TEMP_PREFIX}inflated-{secrets.token_hex(8)}.dcm"
     try:
         with received.open("rb") as source, open(target, "xb") as out:
             try:

@@ -11,8 +11,9 @@ nothing receives less than half of what dcmtk's storescp does; this path is
 
 Here the DUL thread reads each P-DATA-TF PDU into one reused buffer and, for a
 C-STORE request on an accepted storage context, writes the data set fragments
-straight from that buffer into the same temporary file pynetdicom would have
-used (same File Meta, same folder, same digest while writing), calls the
+straight from that buffer into a file of the same folder (prepared ahead and
+unnamed where the file system allows, :mod:`ctdx.scp.prepared`; same File Meta,
+same digest while writing as pynetdicom's), calls the
 listener's store function, and sends the C-STORE response PDU itself. State
 Sta6 stays Sta6, as pynetdicom's DT-1 and DT-2 actions would leave it.
 
@@ -60,6 +61,7 @@ from pynetdicom.service_class import StorageServiceClass
 
 from ctdx.scp.command_check import check_store_command
 from ctdx.scp.command_set import command_set, value_bytes
+from ctdx.scp.prepared import PreparedFiles
 from ctdx.scp.receive import ReceivedFile
 from ctdx.scp.status import Rejected, Status, status_dataset
 from ctdx.scp.uids import is_valid_uid
@@ -121,11 +123,12 @@ class Tally:
 
 @dataclass(frozen=True)
 class FastStoreConfig:
-    """What the listener gives the fast path: its store, the SOP classes, the incoming folder."""
+    """What the listener gives the fast path: its store, the SOP classes, and the incoming
+    folder (a path, or the listener's files prepared there)."""
 
     store: StoreFunction
     sop_classes: frozenset[str]
-    incoming: Path
+    incoming: Path | PreparedFiles
     answered: Tally = field(default_factory=Tally)
 
 
@@ -233,7 +236,7 @@ class _Incoming:
     """
 
     def __init__(self, command: StoreCommand, context_id: int, transfer_syntax: str,
-                 incoming: Path, refused: Rejected | None = None) -> None:
+                 incoming: Path | PreparedFiles, refused: Rejected | None = None) -> None:
         self.command = command
         self.context_id = context_id
         self.transfer_syntax = transfer_syntax
@@ -244,7 +247,7 @@ class _Incoming:
             return
         assert command.sop_instance_uid is not None
         try:
-            self.file = ReceivedFile(incoming)
+            self.file = ReceivedFile(incoming, hashing=True)
             self.file.write(encode_file_meta(
                 command.sop_class_uid, command.sop_instance_uid, transfer_syntax))
         except OSError as exc:

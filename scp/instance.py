@@ -163,11 +163,13 @@ def read_instance_header(
     transfer_syntax_uid: str,
     sop_class_uid: str,
     sop_instance_uid: str,
+    scratch: Path | None = None,
 ) -> InstanceHeader:
     """Read and check the instance at ``path`` (a received file with File Meta).
 
     ``sop_class_uid`` and ``sop_instance_uid`` are the C-STORE command's Affected
-    SOP Class / Instance UID; the data set must agree with both.
+    SOP Class / Instance UID; the data set must agree with both. A deflated data
+    set is inflated into a temporary file in ``scratch`` (default: beside ``path``).
 
     Raises
     ------
@@ -177,7 +179,7 @@ def read_instance_header(
     """
     syntax = UID(transfer_syntax_uid)
     if syntax == DeflatedExplicitVRLittleEndian:
-        with inflated(path) as plain:
+        with inflated(path, scratch) as plain:
             header = _scan(plain, ExplicitVRLittleEndian)
     else:
         header = _scan(path, syntax)

@@ -17,12 +17,14 @@ earlier setting) never started it for a slice; every 256 kB (once or twice per
 slice) received a 300-slice study 10-15% faster than every 8 MiB, in
 interleaved runs on the 2-core dev VM (every 128 kB: no faster than 8 MiB).
 The fast path (:mod:`ctdx.scp.fastpath`) writes through the same class
-(:class:`ReceivedFile`).
-pynetdicom's files are also hashed as they are written (:func:`take_digest`), so
-the handler does not read them back to compute their SHA-256. The fast path's
-files are not: the store hashes them from the page cache on another thread
-while this one waits for their fsync (:meth:`ctdx.scp.spool.Spool.seal_new`), which
-takes the hash off the critical path of a sender waiting for its response.
+(:class:`ReceivedFile`), into files prepared ahead (:mod:`ctdx.scp.prepared`).
+Both paths hash their files as they are written (:func:`take_digest`), so the
+handler does not read them back to compute their SHA-256. Until the seventh
+session the fast path left the hash to the store, on another thread beside the
+file's fsync; hashing each fragment as it arrives (0.05 ms per 128 kB with
+SHA-NI) overlaps the sender's next write instead, and with prepared files it
+received a 300-slice study 10-15% faster in interleaved runs
+(``benchmarks/results/scp.md``, seventh session).
 
 A file the store never took (the association ended mid-data-set, or the
 command was not decodable) is deleted when its association's connection
@@ -43,7 +45,6 @@ import ctypes.util
 import hashlib
 import logging
 import os
-import secrets
 import tempfile
 import threading
 import weakref
@@ -54,6 +55,8 @@ from typing import IO, Any
 from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
 from pynetdicom import _config, dimse_messages
+
+from ctdx.scp.prepared import TEMP_PREFIX, PreparedFiles, is_unnamed, new_named
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,6 @@ __all__ = [
     "take_digest",
 ]
 
-TEMP_PREFIX = "rx-"
 #: What a received C-STORE command without (or with an empty) Affected SOP Instance UID
 #: carries instead, so that pynetdicom delivers it to the handler (it ignores such a
 #: request without answering); never a UID (letters), refused by the handler as missing.
@@ -168,23 +170,20 @@ class _WritebackFile:
 
 
 class ReceivedFile:
-    """A new temporary file in the incoming folder, written like pynetdicom's (the fast path's).
+    """A new file for one data set in the incoming folder, written like pynetdicom's (the fast
+    path's).
 
-    Same prefix (so a crash's leftover is swept), same write-back; no
-    ``tempfile`` wrapper. Hashed while written only when ``hashing`` (the fast
-    path leaves the hash to the store, see the module's docstring).
+    Taken from the listener's :class:`~ctdx.scp.prepared.PreparedFiles` (unnamed
+    where the file system allows, see :mod:`ctdx.scp.prepared`), or created named
+    with the prefix of pynetdicom's files (so a crash's leftover is swept); same
+    write-back. Hashed while written when ``hashing`` (see the module's docstring).
     """
 
-    def __init__(self, incoming: Path, hashing: bool = False) -> None:
-        while True:
-            path = incoming / f"{TEMP_PREFIX}{secrets.token_hex(8)}.dcm"
-            try:
-                raw = open(path, "xb", opener=_private)  # noqa: SIM115
-            except FileExistsError:
-                continue
-            break
-        self.path = path
-        self._writer = _WritebackFile(raw, str(path), hashing)
+    def __init__(self, incoming: Path | PreparedFiles, hashing: bool = False) -> None:
+        opened = incoming.take() if isinstance(incoming, PreparedFiles) else new_named(incoming)
+        self.path = opened.path
+        self.named = not is_unnamed(opened.path)
+        self._writer = _WritebackFile(opened.file, str(opened.path), hashing)
 
     def write(self, data: bytes | memoryview) -> None:
         self._writer.write(data)  # type: ignore[arg-type]
@@ -194,14 +193,16 @@ class ReceivedFile:
         self._writer.flush()
 
     def discard(self) -> None:
-        """Close and delete the temporary name (the store has linked what it keeps)."""
+        """Close it and delete its temporary name (the store has linked what it keeps; an
+        unnamed file is gone once closed, unless the store gave it a name)."""
         try:
             self._writer.close()
         finally:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            if self.named:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
 
 
 def discard_unclaimed(owner: threading.Thread) -> int:
@@ -221,6 +222,8 @@ def discard_unclaimed(owner: threading.Thread) -> int:
             writer.close()
         except OSError:
             pass
+        if is_unnamed(Path(name)):
+            continue  # closed, so gone
         try:
             os.unlink(name)
         except FileNotFoundError:
@@ -228,10 +231,6 @@ def discard_unclaimed(owner: threading.Thread) -> int:
     if mine:
         logger.info("removed %d unfinished received file(s) of a closed association", len(mine))
     return len(mine)
-
-
-def _private(path: str, flags: int) -> int:
-    return os.open(path, flags, 0o600)  # as tempfile creates its files
 
 
 def _temporary_file_in(incoming: Path) -> Any:

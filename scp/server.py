@@ -59,6 +59,7 @@ from ctdx.scp import metrics as scp_metrics
 from ctdx.scp.fastpath import FastStoreConfig
 from ctdx.scp.handlers import Associations, ListenerContext, event_handlers, store_received
 from ctdx.scp.outbox import CelerySender, OutboxDispatcher, Sender
+from ctdx.scp.prepared import PreparedFiles
 from ctdx.scp.receive import stop_streaming, stream_received_data_sets_to
 from ctdx.scp.recorder import ORPHAN_SECONDS, reindex_unindexed
 from ctdx.scp.spool import Spool
@@ -158,6 +159,7 @@ class Listener:
         self.ae = build_ae(settings)
         self._server: ListenerServer | None = None
         self._thread: threading.Thread | None = None
+        self._prepared: PreparedFiles | None = None
 
     @property
     def port(self) -> int:
@@ -168,19 +170,23 @@ class Listener:
     def start(self) -> None:
         silence_identifier_logging()
         self.spool.prepare()
-        server: ListenerServer = self.ae.make_server(  # type: ignore[assignment]
-            (self.settings.host, self.settings.port),
-            ae_title=self.settings.ae_title,
-            ssl_context=tls_context(self.settings),
-            evt_handlers=event_handlers(self.context),
-            server_class=ListenerServer,
-            reuse_port=self.reuse_port,
-            fast_store=self._fast_store(),
-            limits=ConnectionLimits(
-                self.settings.max_associations,
-                self.settings.max_pending_associations, self.settings.max_pending_per_peer,
-            ),
-        )  # bound and listening; nothing is accepted before serve_forever
+        try:
+            server: ListenerServer = self.ae.make_server(  # type: ignore[assignment]
+                (self.settings.host, self.settings.port),
+                ae_title=self.settings.ae_title,
+                ssl_context=tls_context(self.settings),
+                evt_handlers=event_handlers(self.context),
+                server_class=ListenerServer,
+                reuse_port=self.reuse_port,
+                fast_store=self._fast_store(),
+                limits=ConnectionLimits(
+                    self.settings.max_associations,
+                    self.settings.max_pending_associations, self.settings.max_pending_per_peer,
+                ),
+            )  # bound and listening; nothing is accepted before serve_forever
+        except BaseException:
+            self._close_prepared()
+            raise
         self.store.recorder.start()
         stream_received_data_sets_to(self.spool.incoming)
         use_fast_command_sets(True)
@@ -206,10 +212,11 @@ class Listener:
     def _fast_store(self) -> FastStoreConfig | None:
         if not self.settings.fast_receive:
             return None
+        self._prepared = PreparedFiles(self.spool.incoming)
         return FastStoreConfig(
             store=functools.partial(store_received, self.context),
             sop_classes=frozenset(str(uid) for uid in STORAGE_SOP_CLASSES),
-            incoming=self.spool.incoming,
+            incoming=self._prepared,
         )
 
     def stop(self) -> None:
@@ -222,9 +229,15 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.store.recorder.stop()
+        self._close_prepared()
         stop_streaming()
         use_fast_command_sets(False)
         use_event_driven_waits(False)
+
+    def _close_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            prepared.close()
 
 
 class Housekeeper:

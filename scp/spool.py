@@ -3,7 +3,8 @@
 Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
 built from validated UIDs only (:mod:`ctdx.scp.uids`). pynetdicom streams each
 received data set into a temporary file in this process's own folder under
-``<spool>/.incoming`` (same file system, see :mod:`ctdx.scp.receive`).
+``<spool>/.incoming`` (same file system, see :mod:`ctdx.scp.receive`; the fast
+path's files there are unnamed until linked, see :mod:`ctdx.scp.prepared`).
 :meth:`Spool.link_new` gives it its final name atomically (never replacing
 another file), :meth:`Spool.seal` hashes and fsyncs it,
 :meth:`Spool.sync_directory` makes the name durable; a crash leaves
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ctdx.scp.instance import InstanceHeader
+from ctdx.scp.prepared import hard_link
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +231,7 @@ class Spool:
         final = self.path_of(relative)
         self._ensure_directory(final.parent)
         try:
-            os.link(received, final)
+            hard_link(received, final)
         except FileExistsError:
             return False
         except OSError as exc:
@@ -250,7 +252,7 @@ class Spool:
         instance is being recorded by whoever made it.
         """
         try:
-            os.link(received, self.unindexed / sop_instance_uid)
+            hard_link(received, self.unindexed / sop_instance_uid)
         except FileExistsError:
             return False
         return True

@@ -113,7 +113,8 @@ class InstanceStore:
             )
         try:
             header = read_instance_header(
-                received, transfer_syntax_uid, sop_class_uid, sop_instance_uid
+                received, transfer_syntax_uid, sop_class_uid, sop_instance_uid,
+                scratch=self.spool.incoming,
             )
         except OSError as exc:  # e.g. its connection closed and took the file with it
             raise _storage_failure(exc, "received data set could not be read") from exc

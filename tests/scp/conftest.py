@@ -9,6 +9,7 @@ re-encode) or datasets built in the test, and returns each C-STORE status.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -89,9 +90,28 @@ class Running:
         return sorted(p for p in self.spool.rglob("*.dcm") if ".incoming" not in p.parts)
 
     def incoming_files(self) -> list[Path]:
-        """Temporary files of every process's receive folder (their lock files are not)."""
-        return sorted(p for p in (self.spool / ".incoming").rglob("*")
-                      if p.is_file() and p.suffix != ".lock")
+        """Files of received data sets in every process's receive folder (not their lock files):
+        named ones, and unnamed ones this process holds with data in them (the fast path's,
+        see ``ctdx.scp.prepared``; the empty ones it keeps ready are not transfers)."""
+        incoming = self.spool / ".incoming"
+        named = [p for p in incoming.rglob("*") if p.is_file() and p.suffix != ".lock"]
+        return sorted(named + unnamed_files_in(incoming))
+
+
+def unnamed_files_in(folder: Path) -> list[Path]:
+    """Unnamed files under ``folder`` that this process holds open and has written to."""
+    found = []
+    prefix = f"{folder.resolve()}/"
+    for fd in os.listdir("/proc/self/fd"):
+        link = f"/proc/self/fd/{fd}"
+        try:
+            target = os.readlink(link)
+            if (target.startswith(prefix) and target.endswith(" (deleted)")
+                    and os.stat(link).st_size > 0):
+                found.append(Path(target))
+        except OSError:  # closed meanwhile
+            continue
+    return found
 
 
 def make_settings(tmp_path: Path, db_url: str, **overrides: Any) -> Settings:

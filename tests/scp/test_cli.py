@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,11 +58,12 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path, sqlite_url: str) -> No
 class Listener:
     """A `ctdx scp` subprocess; its log is a file the test can read."""
 
-    def __init__(self, data_dir: Path, database_url: str, port: int, *args: str) -> None:
+    def __init__(self, data_dir: Path, database_url: str, port: int, *args: str,
+                 env: Mapping[str, str] | None = None) -> None:
         self.log = data_dir.parent / f"scp-{port}-{len(list(data_dir.parent.glob('scp-*')))}.log"
         env = {**os.environ, "CTDX_DATA_DIR": str(data_dir), "CTDX_DATABASE_URL": database_url,
                "CTDX_BROKER_URL": "memory://", "CTDX_HOST": "127.0.0.1",
-               "CTDX_MIN_FREE_BYTES": "0"}
+               "CTDX_MIN_FREE_BYTES": "0", **(env or {})}
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 [*CTDX, "scp", "--port", str(port), *args], env=env, stdout=out,

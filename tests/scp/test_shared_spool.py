@@ -4,7 +4,8 @@ A second listener started on the same data directory by mistake (here: on the
 busy port, so it fails to listen) must not delete the running listener's
 temporary files during its start-up clean-up; the running listener's transfer
 completes with success. The folder of a listener killed mid-transfer is
-removed by the next start-up.
+removed by the next start-up. Both receive paths: the fast path's files are
+unnamed until stored, pynetdicom's are named.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import struct
 import subprocess
 from pathlib import Path
 
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import evt
 
@@ -45,24 +47,44 @@ def _data_set(path: Path) -> bytes:
     return raw[144 + struct.unpack_from("<L", raw, 140)[0]:]
 
 
-def _in_flight(data_dir: Path) -> list[Path]:
-    return [p for p in (data_dir / "spool" / ".incoming").rglob("*")
-            if p.is_file() and p.suffix != ".lock"]
+def _in_flight(data_dir: Path, pid: int | None = None) -> list[str]:
+    """Received files in ``.incoming``: named ones, and the unnamed ones with data that the
+    listener process ``pid`` holds open (the fast path's, see ``ctdx.scp.prepared``)."""
+    incoming = data_dir / "spool" / ".incoming"
+    found = [str(p) for p in incoming.rglob("*") if p.is_file() and p.suffix != ".lock"]
+    if pid is not None:
+        prefix = f"{incoming.resolve()}/"
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            link = f"/proc/{pid}/fd/{fd}"
+            try:
+                target = os.readlink(link)
+                if (target.startswith(prefix) and target.endswith(" (deleted)")
+                        and os.stat(link).st_size > 0):
+                    found.append(target)
+            except OSError:
+                continue
+    return found
 
 
+@pytest.mark.parametrize("receive_path", ["fast", "pynetdicom"])
 def test_a_second_listener_on_the_same_data_directory_leaves_transfers_alone(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, sqlite_url: str, receive_path: str
 ) -> None:
+    """On the fast path the transfer's file is unnamed (nothing for anyone to delete, nothing
+    left by a crash); pynetdicom's receive path names it, and the locks protect it."""
     data_dir = tmp_path / "data"
     series = phantom(tmp_path, n_slices=2, size=64)
     port = free_port()
     statuses: list[int] = []
+    named = receive_path == "pynetdicom"
 
     def on_message(event: evt.Event) -> None:
         if event.message.command_set.CommandField == 0x8001:
             statuses.append(int(event.message.command_set.Status))
 
-    with running(data_dir, sqlite_url, port) as first:
+    env = {"CTDX_FAST_RECEIVE": "false"} if named else {}
+    with running(data_dir, sqlite_url, port, env=env) as first:
+        pid = first.process.pid
         with associate(port, [ExplicitVRLittleEndian],
                        evt_handlers=[(evt.EVT_DIMSE_RECV, on_message)]) as assoc:
             assert assoc.is_established
@@ -72,8 +94,9 @@ def test_a_second_listener_on_the_same_data_directory_leaves_transfers_alone(
             data = _data_set(series.paths[0])
             send(_pdu(cid, 0x03, _command(series.sop_instance_uids[0])))
             send(_pdu(cid, 0x00, data[:1000]))
-            (partial,) = wait_for(lambda: _in_flight(data_dir), timeout=20,
+            (partial,) = wait_for(lambda: _in_flight(data_dir, pid), timeout=20,
                                   message="a transfer in flight")  # type: ignore[misc]
+            assert named == (" (deleted)" not in partial)
             # the mistake: a second listener on the same data directory (and the busy port)
             env = {**os.environ, "CTDX_DATA_DIR": str(data_dir),
                    "CTDX_DATABASE_URL": sqlite_url, "CTDX_BROKER_URL": "memory://",
@@ -82,17 +105,19 @@ def test_a_second_listener_on_the_same_data_directory_leaves_transfers_alone(
                                     capture_output=True, text=True, timeout=120)
             assert second.returncode == 2, second.stdout + second.stderr
             assert "cannot listen" in second.stdout + second.stderr
-            assert partial.exists(), "the second listener deleted a transfer in flight"
+            assert partial in _in_flight(data_dir, pid), \
+                "the second listener deleted a transfer in flight"
             send(_pdu(cid, 0x02, data[1000:]))
             wait_for(lambda: statuses, timeout=30, message="the response")
             assert statuses == [0x0000]
             # another transfer in flight when the first listener dies
             send(_pdu(cid, 0x03, _command(series.sop_instance_uids[1])))
             send(_pdu(cid, 0x00, _data_set(series.paths[1])[:1000]))
-            wait_for(lambda: len(_in_flight(data_dir)) == 1, timeout=20, message="in flight")
+            wait_for(lambda: len(_in_flight(data_dir, pid)) == 1, timeout=20,
+                     message="in flight")
             first.process.send_signal(signal.SIGKILL)
             first.process.wait(timeout=30)
-    assert len(_in_flight(data_dir)) == 1  # what the crash left
+    assert len(_in_flight(data_dir)) == (1 if named else 0)  # what the crash left
     stored = [p for p in (data_dir / "spool").rglob("*.dcm") if ".incoming" not in p.parts]
     assert [p.stem for p in stored] == [series.sop_instance_uids[0]]
     assert _data_set(stored[0]) == _data_set(series.paths[0])
