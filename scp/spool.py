@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ctdx.scp.instance import InstanceHeader
-from ctdx.scp.prepared import hard_link
+from ctdx.scp.prepared import hard_link, is_unnamed
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +328,10 @@ class Spool:
         directory = final.parent
         self._ensure_directory(directory)
         try:
-            os.replace(sealed_path, final)
+            if is_unnamed(sealed_path):
+                _replace_by_link(sealed_path, final)
+            else:
+                os.replace(sealed_path, final)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
@@ -343,7 +346,7 @@ class Spool:
 
     def _copy_into(self, source: Path, final: Path, replace: bool) -> bool:
         """Fallback when the received file is on another file system (never in production)."""
-        part = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.part")
+        part = _part_name(final)
         try:
             shutil.copyfile(source, part)
             fd = os.open(part, os.O_RDONLY)
@@ -461,6 +464,21 @@ class Spool:
             return removed
         finally:
             os.close(fd)
+
+
+def _part_name(final: Path) -> Path:
+    """A name beside ``final`` that no other thread or process uses."""
+    return final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.part")
+
+
+def _replace_by_link(unnamed: Path, final: Path) -> None:
+    """``os.replace`` for an unnamed file (it has no name to rename): named beside, renamed."""
+    part = _part_name(final)
+    hard_link(unnamed, part)
+    try:
+        os.replace(part, final)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def _host() -> str:

@@ -59,6 +59,44 @@ def test_different_bytes_under_a_stored_uid_keep_the_first_copy(
     assert scp.incoming_files() == []
 
 
+def test_a_resend_restores_a_stored_file_that_went_missing_or_was_damaged(
+    scp: Running, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    study = phantom(tmp_path, n_slices=2)
+    assert send_files(scp.port, study.paths) == [0x0000] * 2
+    stored = {p.stem: p for p in scp.spool_files()}
+    kept = {uid: path.read_bytes() for uid, path in stored.items()}
+    missing, damaged = (stored[uid] for uid in study.sop_instance_uids)
+    missing.unlink()
+    damaged.write_bytes(kept[damaged.stem][:1000])  # cut short behind the listener's back
+    answered = scp.service.listener.fast_path_answers
+    caplog.set_level(logging.WARNING)
+    assert send_files(scp.port, study.paths) == [0x0000] * 2
+    if scp.settings.fast_receive:
+        assert scp.service.listener.fast_path_answers == answered + 2
+    assert {p.stem: p.read_bytes() for p in scp.spool_files()} == kept
+    assert caplog.text.count("stored file missing or damaged, rewritten") == 2
+    assert scp.instance_count() == 2 and scp.incoming_files() == []
+    assert not [p for p in scp.spool.rglob("*.part")]
+
+
+def test_a_file_left_under_the_final_name_without_its_row_is_replaced(
+    scp: Running, tmp_path: Path
+) -> None:
+    """What a crash before the commit left under an older version: never acknowledged, so the
+    instance received now takes its place."""
+    study = phantom(tmp_path, n_slices=1)
+    uid = study.sop_instance_uids[0]
+    leftover = scp.spool / study.study_instance_uid / study.series_instance_uid / f"{uid}.dcm"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"\x00" * 4096)
+    assert send_files(scp.port, study.paths) == [0x0000]
+    wait_for(lambda: scp.instance_count() == 1, timeout=20, message="row")
+    assert scp.spool_files() == [leftover]
+    assert pydicom.dcmread(leftover) == pydicom.dcmread(study.paths[0])
+    assert scp.incoming_files() == [] and not [p for p in scp.spool.rglob("*.part")]
+
+
 def test_late_instances_open_the_next_version(scp: Running, tmp_path: Path) -> None:
     study = phantom(tmp_path, n_slices=4)
     assert send_files(scp.port, study.paths[:3]) == [0x0000] * 3
