@@ -98,16 +98,18 @@ class Running:
         return sorted(named + unnamed_files_in(incoming))
 
 
-def unnamed_files_in(folder: Path) -> list[Path]:
-    """Unnamed files under ``folder`` that this process holds open and has written to."""
+def unnamed_files_in(folder: Path, pid: int | str = "self", empty_too: bool = False
+                     ) -> list[Path]:
+    """Unnamed files under ``folder`` that process ``pid`` holds open: those it has written to,
+    or all (``empty_too``: also the empty ones a listener keeps ready)."""
     found = []
     prefix = f"{folder.resolve()}/"
-    for fd in os.listdir("/proc/self/fd"):
-        link = f"/proc/self/fd/{fd}"
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        link = f"/proc/{pid}/fd/{fd}"
         try:
             target = os.readlink(link)
             if (target.startswith(prefix) and target.endswith(" (deleted)")
-                    and os.stat(link).st_size > 0):
+                    and (empty_too or os.stat(link).st_size > 0)):
                 found.append(Path(target))
         except OSError:  # closed meanwhile
             continue

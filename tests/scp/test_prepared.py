@@ -29,15 +29,7 @@ def _open_fds() -> int:
 
 def _held(folder: Path) -> int:
     """Descriptors of this process on unnamed files in ``folder``, empty or not."""
-    prefix = f"{folder.resolve()}/"
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        count += target.startswith(prefix) and target.endswith(" (deleted)")
-    return count
+    return len(unnamed_files_in(folder, empty_too=True))
 
 
 def test_files_are_ready_unnamed_and_named_only_where_the_store_links_them(

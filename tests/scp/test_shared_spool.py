@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import evt
 
 from tests.conftest import free_port, wait_for
-from tests.scp.conftest import associate, phantom
+from tests.scp.conftest import associate, phantom, unnamed_files_in
 from tests.scp.test_cli import CTDX, running
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -53,16 +53,7 @@ def _in_flight(data_dir: Path, pid: int | None = None) -> list[str]:
     incoming = data_dir / "spool" / ".incoming"
     found = [str(p) for p in incoming.rglob("*") if p.is_file() and p.suffix != ".lock"]
     if pid is not None:
-        prefix = f"{incoming.resolve()}/"
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            link = f"/proc/{pid}/fd/{fd}"
-            try:
-                target = os.readlink(link)
-                if (target.startswith(prefix) and target.endswith(" (deleted)")
-                        and os.stat(link).st_size > 0):
-                    found.append(target)
-            except OSError:
-                continue
+        found += [str(p) for p in unnamed_files_in(incoming, pid)]
     return found
 
 
