@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(not prepared.unnamed_supported(Path.cwd()),
                                 reason="the file system of the checkout has no O_TMPFILE")
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _preparing_threads() -> int:
+    return sum(t.name == "ctdx-prepared-files" for t in threading.enumerate())
 
 
 def _held(folder: Path) -> int:
@@ -35,10 +35,10 @@ def _held(folder: Path) -> int:
 def test_files_are_ready_unnamed_and_named_only_where_the_store_links_them(
     tmp_path: Path,
 ) -> None:
-    before_fds, before_threads = _open_fds(), threading.active_count()
+    threads = _preparing_threads()  # other tests' listeners may hold theirs
     files = PreparedFiles(tmp_path, depth=3)
     try:
-        assert files.unnamed
+        assert files.unnamed and _preparing_threads() == threads + 1
         assert _held(tmp_path) == 3 and list(tmp_path.iterdir()) == []
         received = ReceivedFile(files, hashing=True)
         assert is_unnamed(received.path) and not received.named
@@ -58,8 +58,7 @@ def test_files_are_ready_unnamed_and_named_only_where_the_store_links_them(
         assert digest is not None and digest.size_bytes == 4000
     finally:
         files.close()
-    assert _held(tmp_path) == 0
-    assert _open_fds() == before_fds and threading.active_count() == before_threads
+    assert _held(tmp_path) == 0 and _preparing_threads() == threads  # descriptors, thread
 
 
 def test_a_file_never_linked_is_gone_when_closed(tmp_path: Path) -> None:
@@ -104,10 +103,10 @@ def test_without_o_tmpfile_files_are_named_and_removed_after_use(
 ) -> None:
     """As on NFS: no thread, a named ``rx-`` file per transfer, deleted by ``discard``."""
     monkeypatch.delattr(os, "O_TMPFILE")
-    threads = threading.active_count()
+    threads = _preparing_threads()
     files = PreparedFiles(tmp_path)
     try:
-        assert not files.unnamed and threading.active_count() == threads
+        assert not files.unnamed and _preparing_threads() == threads
         received = ReceivedFile(files)
         assert received.named and received.path.parent == tmp_path
         assert received.path.name.startswith("rx-") and received.path.exists()
