@@ -229,6 +229,7 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.store.recorder.stop()
+        self.store.close()
         self._close_prepared()
         stop_streaming()
         use_fast_command_sets(False)

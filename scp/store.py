@@ -160,6 +160,10 @@ class InstanceStore:
         self.recorder.submit(Pending(header, relative, sealed, lease, utcnow()))
         return StoreResult(Outcome.STORED, header)
 
+    def close(self) -> None:
+        """Close the look-up's own database connections (the recorder is stopped apart)."""
+        self._lookup.close()
+
     def _claim(self, received: Path, sop_instance_uid: str) -> bool:
         try:
             return self.spool.mark(received, sop_instance_uid)

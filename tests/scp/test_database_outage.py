@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from ctdx.db import migrate
 from tests.conftest import free_port, wait_for
@@ -47,6 +48,17 @@ class PrivatePostgres:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.directory / "data"), "-w", "-m", "fast", "stop")
+
+    def clients(self) -> int:
+        """Client connections to the server, other than the one asking."""
+        engine = create_engine(self.url, poolclass=NullPool)
+        try:
+            with engine.connect() as connection:
+                return int(connection.execute(text(
+                    "select count(*) from pg_stat_activity where backend_type = 'client backend'"
+                    " and pid <> pg_backend_pid()")).scalar() or 0)
+        finally:
+            engine.dispose()
 
     def accepts(self) -> bool:
         engine = create_engine(self.url)
@@ -109,3 +121,19 @@ def test_first_instance_after_the_database_returns_is_accepted(
     wait_for(lambda: scp.instance_count() == 2, timeout=30, message="both rows")
     stored = {p.stem for p in scp.spool_files()}
     assert stored == {series.sop_instance_uids[0], series.sop_instance_uids[2]}
+
+
+def test_a_stopped_listener_leaves_no_database_connection_open(
+    private_postgres: PrivatePostgres, start_scp_sqlite: Callable[..., Running], tmp_path: Path,
+) -> None:
+    """The listener's pools (its look-up has one of its own) are closed when it stops."""
+    migrate.upgrade(private_postgres.url)
+    scp = start_scp_sqlite(database_url=private_postgres.url)
+    series = phantom(tmp_path, n_slices=2, size=32)
+    assert send_files(scp.port, series.paths) == [0x0000] * 2
+    wait_for(lambda: scp.instance_count() == 2, timeout=30, message="both rows")
+    assert private_postgres.clients() > 0
+    scp.service.stop()
+    scp.engine.dispose()
+    wait_for(lambda: private_postgres.clients() == 0, timeout=30,
+             message=f"no connection left (still {private_postgres.clients()})")
