@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine, update
@@ -16,61 +13,9 @@ from ctdx.db.models import Export, ExportState, utcnow
 from ctdx.db.session import session_scope
 from ctdx.worker.report import deliver_due, publish_reports
 from ctdx.worker.report.outbox import list_exports
-from tests.conftest import free_port, require_tool, wait_for
+from tests.conftest import require_tool
 from tests.report.conftest import AnalysedStudy, settings_for
-
-
-class Orthanc:
-    def __init__(self, workdir: Path) -> None:
-        self.exe = require_tool("Orthanc")
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        storage = workdir / "storage"
-        storage.mkdir(parents=True)
-        self.config = workdir / "orthanc.json"
-        self.config.write_text(
-            json.dumps(
-                {
-                    "Name": "ctdx-test",
-                    "StorageDirectory": str(storage),
-                    "IndexDirectory": str(storage),
-                    "DicomAet": "ORTHANC",
-                    "DicomPort": self.dicom_port,
-                    "HttpPort": self.http_port,
-                    "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
-                    "DicomCheckCalledAet": False,
-                    "Plugins": [],
-                }
-            )
-        )
-        self.log = (workdir / "orthanc.log").open("wb")
-        self.process = subprocess.Popen(
-            [self.exe, str(self.config)], stdout=self.log, stderr=self.log
-        )
-        try:
-            wait_for(self._up, timeout=120, message="Orthanc's REST API")
-        except BaseException:
-            self.stop()  # a failed start leaves no Orthanc behind
-            raise
-
-    def _up(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"Orthanc exited with {self.process.returncode}")
-        try:
-            self.get("/system")
-        except OSError:
-            return False
-        return True
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
-            return json.load(r)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
-        self.log.close()
+from tests.report.orthanc_support import Orthanc
 
 
 @pytest.fixture

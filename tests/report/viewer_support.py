@@ -31,7 +31,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, require_tool, wait_for
+from tests.conftest import REPO_ROOT, free_port, wait_for
+from tests.report.orthanc_support import Orthanc
 
 #: The OHIF release the tests run; ``.ci/setup_viewer.sh`` unpacks the same one.
 OHIF_VERSION = "3.13.2"
@@ -73,75 +74,11 @@ def websocket_client() -> Any:
     return pytest.importorskip("websocket", reason="websocket-client (test extra) not installed")
 
 
-class OrthancDicomWeb:
+class OrthancDicomWeb(Orthanc):
     """Orthanc with DICOMweb at ``/dicom-web/``, no authentication, in ``workdir``."""
 
     def __init__(self, workdir: Path, ae_title: str = "ORTHANC") -> None:
-        exe = require_tool("Orthanc")
-        plugin = dicomweb_plugin()
-        self.ae_title = ae_title
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        storage = workdir / "storage"
-        storage.mkdir(parents=True)
-        config = workdir / "orthanc.json"
-        config.write_text(
-            json.dumps(
-                {
-                    "Name": "ctdx-viewer-test",
-                    "StorageDirectory": str(storage),
-                    "IndexDirectory": str(storage),
-                    "DicomAet": ae_title,
-                    "DicomPort": self.dicom_port,
-                    "HttpPort": self.http_port,
-                    "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
-                    "DicomCheckCalledAet": False,
-                    "Plugins": [str(plugin)],
-                    "DicomWeb": {
-                        "Enable": True,
-                        "Root": "/dicom-web/",
-                        "EnableWado": True,
-                        "WadoRoot": "/wado",
-                        "Ssl": False,
-                        "StudiesMetadata": "Full",
-                        "SeriesMetadata": "Full",
-                    },
-                }
-            )
-        )
-        self.log_path = workdir / "orthanc.log"
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen([exe, str(config)], stdout=self._log, stderr=self._log)
-        try:
-            wait_for(self._up, timeout=120, message="Orthanc's REST API")
-        except BaseException:
-            self.stop()  # a failed start leaves no Orthanc behind
-            raise
-
-    def _up(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"Orthanc exited: {self.log_path.read_text()[-2000:]}")
-        try:
-            self.get("/dicom-web/studies")
-        except OSError:
-            return False
-        return True
-
-    def get(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=20) as response:
-            return json.load(response)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self._log.close()
+        super().__init__(workdir, ae_title, dicomweb_plugin=dicomweb_plugin())
 
 
 def app_config(friendly_name: str) -> str:
