@@ -309,12 +309,14 @@ class ServiceBeat:
 
 
 class Periodic(threading.Thread):
-    """Runs ``step`` every ``interval`` seconds in a daemon thread until ``stop()``."""
+    """Runs ``step`` every ``interval`` seconds, or at once when :attr:`wake` is set, in a
+    daemon thread until ``stop()``; a failing step is logged and tried again next time."""
 
     def __init__(self, name: str, step: Callable[[], object], interval: float) -> None:
         super().__init__(name=name, daemon=True)
         self.step = step
         self.interval = interval
+        self.wake = threading.Event()
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -326,8 +328,10 @@ class Periodic(threading.Thread):
                                type(exc).__name__)
             except Exception:
                 logger.exception("%s failed; trying again", self.name)
-            self.stopping.wait(self.interval)
+            self.wake.wait(self.interval)
+            self.wake.clear()
 
     def stop(self) -> None:
         self.stopping.set()
+        self.wake.set()
         self.join(timeout=10)

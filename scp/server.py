@@ -47,11 +47,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from ctdx.db.logs import silence_identifier_logging
 from ctdx.db.migrate import require_head
 from ctdx.db.models import utcnow
+from ctdx.db.reconcile import Periodic
 from ctdx.db.session import make_engine, session_scope
 from ctdx.db.settings import Settings
 from ctdx.scp import completion, registry
@@ -323,33 +323,6 @@ def _from_timestamp(value: float) -> Any:
     return datetime.fromtimestamp(value, UTC)
 
 
-class _Loop(threading.Thread):
-    """Runs ``step`` every ``interval`` seconds (or when woken) until stopped."""
-
-    def __init__(self, name: str, step: Callable[[], object], interval: float) -> None:
-        super().__init__(name=name, daemon=True)
-        self.step = step
-        self.interval = interval
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.step()
-            except SQLAlchemyError as exc:
-                logger.error("%s: database error %s; retrying", self.name, type(exc).__name__)
-            except Exception:
-                logger.exception("%s failed; retrying", self.name)
-            self.wake.wait(self.interval)
-            self.wake.clear()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.wake.set()
-        self.join(timeout=10)
-
-
 class ScpService:
     """Listener plus housekeeping for one process; ``start()``/``stop()`` or a ``with`` block."""
 
@@ -372,8 +345,8 @@ class ScpService:
         self.primary = primary
         self.listener = Listener(settings, self.engine, reuse_port=reuse_port)
         self._sender = sender
-        self._dispatch_loop: _Loop | None = None
-        self._housekeeping_loop: _Loop | None = None
+        self._dispatch_loop: Periodic | None = None
+        self._housekeeping_loop: Periodic | None = None
 
     @property
     def port(self) -> int:
@@ -388,13 +361,13 @@ class ScpService:
             dispatcher = OutboxDispatcher(
                 self.engine, sender, self.settings.outbox_poll_seconds, settings=self.settings
             )
-            self._dispatch_loop = _Loop(
+            self._dispatch_loop = Periodic(
                 "ctdx-outbox", dispatcher.dispatch_due, self.settings.outbox_poll_seconds
             )
         wake = self._dispatch_loop.wake.set if self._dispatch_loop else (lambda: None)
         self.listener.context.on_completed = wake
         housekeeper = Housekeeper(self.settings, self.engine, self.listener, self.primary, wake)
-        self._housekeeping_loop = _Loop(
+        self._housekeeping_loop = Periodic(
             "ctdx-housekeeping", housekeeper.run_once, housekeeper.tick_seconds
         )
         self.listener.start()
