@@ -123,12 +123,12 @@ class Tally:
 
 @dataclass(frozen=True)
 class FastStoreConfig:
-    """What the listener gives the fast path: its store, the SOP classes, and the incoming
-    folder (a path, or the listener's files prepared there)."""
+    """What the listener gives the fast path: its store, the SOP classes, and the files it
+    prepares in its incoming folder."""
 
     store: StoreFunction
     sop_classes: frozenset[str]
-    incoming: Path | PreparedFiles
+    incoming: PreparedFiles
     answered: Tally = field(default_factory=Tally)
 
 
@@ -236,7 +236,7 @@ class _Incoming:
     """
 
     def __init__(self, command: StoreCommand, context_id: int, transfer_syntax: str,
-                 incoming: Path | PreparedFiles, refused: Rejected | None = None) -> None:
+                 incoming: PreparedFiles, refused: Rejected | None = None) -> None:
         self.command = command
         self.context_id = context_id
         self.transfer_syntax = transfer_syntax

@@ -182,8 +182,12 @@ class ReceivedFile:
     def __init__(self, incoming: Path | PreparedFiles, hashing: bool = False) -> None:
         opened = incoming.take() if isinstance(incoming, PreparedFiles) else new_named(incoming)
         self.path = opened.path
-        self.named = not is_unnamed(opened.path)
         self._writer = _WritebackFile(opened.file, str(opened.path), hashing)
+
+    @property
+    def named(self) -> bool:
+        """Whether the file has a name of its own in the folder (not an unnamed one)."""
+        return not is_unnamed(self.path)
 
     def write(self, data: bytes | memoryview) -> None:
         self._writer.write(data)  # type: ignore[arg-type]

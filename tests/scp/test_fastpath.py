@@ -327,7 +327,7 @@ def test_received_files_start_write_back_per_256_kib_not_per_fragment(
         received.write(fragment)
         received.flush()
     assert len(calls) == 2
-    # the fast path's files are hashed by the store, beside their fsync (Spool.seal_new)
+    # a file not hashed while written has no digest: the store hashes it beside its fsync
     assert receive.take_digest(received.path) is None
     received.discard()
     assert list(tmp_path.iterdir()) == []
