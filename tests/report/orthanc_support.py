@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import free_port, require_tool, wait_for
+from tests.conftest import free_port, require_tool, stop_process, wait_for
 
 __all__ = ["Orthanc"]
 
@@ -84,11 +84,5 @@ class Orthanc:
             return json.load(response)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process, timeout=30)
         self._log.close()

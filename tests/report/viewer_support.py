@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, wait_for
+from tests.conftest import REPO_ROOT, free_port, stop_process, wait_for
 from tests.report.orthanc_support import Orthanc
 
 #: The OHIF release the tests run; ``.ci/setup_viewer.sh`` unpacks the same one.
@@ -359,12 +359,6 @@ class Browser:
     def close(self) -> None:
         with suppress(Exception):
             self.ws.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process, timeout=20)
         self._log.close()
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from ctdx.db.settings import Settings
-from tests.conftest import REPO_ROOT, free_port, wait_for
+from tests.conftest import REPO_ROOT, free_port, stop_process, wait_for
 
 CTDX = str(Path(sys.executable).with_name("ctdx"))
 
@@ -95,13 +95,8 @@ class PrivateRedis:
         self.start()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            stop_process(self.process, timeout=10)
 
 
 class ListenerProcess:
